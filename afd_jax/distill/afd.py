@@ -1,0 +1,116 @@
+"""Attention-based Feature Distillation (Ji, Heo and Park, AAAI 2021): the loss of AFD_SPEC.md.
+
+A meta-network turns every teacher tap into a query and every student tap into a key; a
+per-sample softmax over student layers weighs the distance between every (teacher, student)
+pair of spatial attention maps. The work is vectorised: one distance tensor per distinct
+teacher resolution, student maps pooled once per (student size, teacher size).
+"""
+import math
+from collections import OrderedDict
+from typing import Dict, List, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from afd_jax.distill.pooling import adaptive_avg_pool2d
+from afd_jax.layers import BatchNorm, at_least_f32, check_features, linear, spatial_mean, xavier_normal
+
+
+class LinearBN(nn.Module):
+  """Linear -> 1-D batch norm (-> ReLU): the official `nn_bn_relu`."""
+  features: int
+  relu: bool
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = linear(self.features, x.shape[-1], name='linear')(x)
+    x = BatchNorm(name='bn')(x, train)
+    return nn.relu(x) if self.relu else x
+
+
+def spatial_energy(f: jax.Array) -> jax.Array:
+  """`mean_c(f ** 2)`: B x H x W x C -> B x H x W, in float32."""
+  f = at_least_f32(f)
+  return jnp.mean(f * f, axis=-1)
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """PyTorch's F.normalize: x / max(||x||_2, 1e-12)."""
+  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+  return x / jnp.maximum(norm, 1e-12)
+
+
+def group_by_shape(shapes: Sequence[Tuple[int, int]]) -> Dict[Tuple[int, int], List[int]]:
+  """Indices of `shapes` grouped by distinct value, in order of first appearance."""
+  groups: Dict[Tuple[int, int], List[int]] = OrderedDict()
+  for i, s in enumerate(shapes):
+    groups.setdefault(tuple(s), []).append(i)
+  return groups
+
+
+def pair_distances(student_features: Sequence[jax.Array],
+                   teacher_features: Sequence[jax.Array]) -> jax.Array:
+  """`D[b, n, m]`: mean squared difference of normalised attention maps, `B x T x S`.
+
+  Student maps are pooled to each distinct teacher resolution once per distinct student
+  resolution; the distances of one teacher resolution are one broadcast subtraction.
+  """
+  s_energy = [spatial_energy(f) for f in student_features]
+  s_groups = group_by_shape([e.shape[1:] for e in s_energy])
+  s_stacks = {hw: jnp.stack([s_energy[m] for m in idx], 1) for hw, idx in s_groups.items()}
+  s_order = [m for idx in s_groups.values() for m in idx]
+  s_restore = [s_order.index(m) for m in range(len(student_features))]
+
+  t_groups = group_by_shape([f.shape[1:3] for f in teacher_features])
+  blocks, t_order = [], []
+  for (h, w), t_idx in t_groups.items():
+    batch = teacher_features[0].shape[0]
+    v_t = jnp.stack([spatial_energy(teacher_features[n]).reshape(batch, h * w) for n in t_idx], 1)
+    v_t = l2_normalize(v_t)                                             # B x T_g x P
+    pooled = jnp.concatenate([adaptive_avg_pool2d(x, (h, w)) for x in s_stacks.values()], 1)
+    v_s = l2_normalize(pooled[:, jnp.array(s_restore)].reshape(batch, -1, h * w))  # B x S x P
+    blocks.append(jnp.mean(jnp.square(v_s[:, None] - v_t[:, :, None]), axis=-1))   # B x T_g x S
+    t_order += t_idx
+  distances = jnp.concatenate(blocks, axis=1)
+  t_restore = [t_order.index(n) for n in range(len(teacher_features))]
+  return distances[:, jnp.array(t_restore)] if t_restore != list(range(len(t_restore))) else distances
+
+
+class AFD(nn.Module):
+  """The AFD loss. Infers T, S and every shape from its inputs.
+
+  `apply(variables, student_features, teacher_features, train, mutable=['batch_stats'])`
+  returns `((loss, attention), updates)`: `loss` is L_AFD before the beta weight and
+  `attention` is `B x T x S`. Teacher features are constants. The T per-teacher-layer terms
+  are sown as `intermediates/per_teacher_layer`.
+  """
+  qk_dim: int = 128
+
+  @nn.compact
+  def __call__(self, student_features: Sequence[jax.Array],
+               teacher_features: Sequence[jax.Array], train: bool):
+    check_features(student_features, 'student_features')
+    check_features(teacher_features, 'teacher_features')
+    if student_features[0].shape[0] != teacher_features[0].shape[0]:
+      raise ValueError(f'student and teacher features have different batch sizes: '
+                       f'{student_features[0].shape[0]} vs {teacher_features[0].shape[0]}.')
+    teacher_features = [jax.lax.stop_gradient(f) for f in teacher_features]
+    t, s, d = len(teacher_features), len(student_features), self.qk_dim
+    batch = student_features[0].shape[0]
+
+    query = jnp.stack([LinearBN(d, relu=False, name=f'query_{n}')(spatial_mean(f), train)
+                       for n, f in enumerate(teacher_features)], 1)           # B x T x d
+    key = jnp.stack([LinearBN(d, relu=True, name=f'key_{m}')(spatial_mean(f), train)
+                     for m, f in enumerate(student_features)], 1)             # B x S x d
+    bilinear = LinearBN(t * d, relu=False, name='bilinear')(key.reshape(batch * s, d), train)
+    bilinear = bilinear.reshape(batch, s, t, d)
+    p_t = self.param('p_t', xavier_normal, (t, d), jnp.float32)
+    p_s = self.param('p_s', xavier_normal, (s, d), jnp.float32)
+    logits = (jnp.einsum('bmnd,bnd->bnm', bilinear, query) + p_t @ p_s.T) / math.sqrt(d)
+    attention = jax.nn.softmax(logits, axis=-1)                               # B x T x S
+
+    distances = pair_distances(student_features, teacher_features)           # B x T x S
+    per_teacher_layer = jnp.mean(jnp.sum(attention * distances, axis=-1), axis=0)
+    self.sow('intermediates', 'per_teacher_layer', per_teacher_layer)
+    return jnp.sum(per_teacher_layer), attention

@@ -1,0 +1,22 @@
+"""Test set-up: 8 fake CPU devices, set before JAX starts; paths to shared test data."""
+import os
+import pathlib
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE_DIR = pathlib.Path(os.environ.get('AFD_REFERENCE_DIR', REPO.parent / 'shared' / 'reference'))
+
+
+@pytest.fixture(scope='session')
+def reference_dir() -> pathlib.Path:
+  """Arrays computed by the official PyTorch code (see ../shared/reference/README.md)."""
+  if not REFERENCE_DIR.is_dir():
+    pytest.skip(f'reference arrays not found at {REFERENCE_DIR} '
+                '(set AFD_REFERENCE_DIR to the folder holding the official .npz files)')
+  return REFERENCE_DIR
