@@ -1,0 +1,164 @@
+"""Benchmark of the training step on synthetic data: the very step the trainer runs.
+
+  python -m afd_jax.bench --teacher wrn40x2 --student wrn16x2 --batch 64 --method all \
+      --dtype float32 --steps 30 [--json]
+
+Prints compile time, median step time, images/s, XLA's FLOPs per step and achieved TFLOP/s,
+and peak device memory where the backend reports it. `--method all` times ce, kd and afd in
+one process, interleaving them in rounds so that machine noise hits all alike, and prints the
+ratios afd/kd and kd/ce. Needs only jax, flax, optax and numpy (no TensorFlow).
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+import types
+from typing import Dict, List
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from afd_jax import distill, models, sharding, step
+
+METHODS = ('ce', 'kd', 'afd', 'fitnet', 'at', 'sp')
+
+
+def namespace(d):
+  return types.SimpleNamespace(**{k: namespace(v) if isinstance(v, dict) else v
+                                  for k, v in d.items()})
+
+
+def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128):
+  """Official CIFAR-100 hyper-parameters; `ce`: student alone, `kd`: + Hinton KD,
+  other methods: + KD + that feature loss."""
+  feature = method if method in distill.METHODS and method != 'none' else 'none'
+  return namespace({
+      'method': feature, 'teacher': {'name': teacher}, 'student': {'name': student},
+      'afd': {'qk_dim': qk_dim}, 'num_epochs': 240,
+      'loss': {'ce_weight': 1.0, 'kd_weight': 0.0 if method == 'ce' else 0.9,
+               'kd_temperature': 4.0, 'feature_weight': 200.0},
+      'optimizer': {'learning_rate': 0.05, 'momentum': 0.9, 'nesterov': False,
+                    'weight_decay': 5e-4, 'decay_bias_and_bn': True, 'schedule': 'step',
+                    'decay_epochs': (150, 180, 210), 'decay_factor': 0.1,
+                    'warmup_epochs': 0.0}})
+
+
+class Case:
+  """One method's compiled step, state and synthetic batch."""
+
+  def __init__(self, method, args, mesh):
+    dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
+    config = bench_config(method, args.teacher, args.student, args.qk_dim)
+    self.method = method
+    self.task = step.task_from_config(config, args.num_classes, 781, dtype)
+    shape = (args.image_size, args.image_size, args.channels)
+    rep = sharding.replicated(mesh)
+    images = jnp.zeros((2,) + shape)
+    self.teacher_vars = None
+    if self.task.needs_teacher:
+      self.teacher_vars = jax.device_put(jax.jit(
+          lambda k: self.task.teacher.init(k, images, train=False))(jax.random.PRNGKey(1)), rep)
+    init = step.jit_init_state(self.task, mesh, shape, jax.eval_shape(lambda: self.teacher_vars)
+                               if self.teacher_vars is not None else None)
+    self.state = init(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    self.batch = sharding.global_batch(
+        {'image': rng.normal(size=(args.batch,) + shape).astype(np.float32),
+         'label': rng.integers(0, args.num_classes, args.batch).astype(np.int32)}, mesh)
+    jitted = step.jit_train_step(self.task, mesh)
+    start = time.perf_counter()
+    self.compiled = jitted.lower(self.state, self.teacher_vars, self.batch).compile()
+    self.compile_seconds = time.perf_counter() - start
+    self.flops = flops_of(self.compiled)
+    self.times: List[float] = []
+
+  def run(self, steps: int, record: bool) -> None:
+    for _ in range(steps):
+      start = time.perf_counter()
+      self.state, m = self.compiled(self.state, self.teacher_vars, self.batch)
+      jax.block_until_ready(m['loss'])
+      if record:
+        self.times.append(time.perf_counter() - start)
+
+
+def flops_of(compiled) -> float:
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get('flops', float('nan')))
+  except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+    return float('nan')
+
+
+def peak_memory_bytes():
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get('peak_bytes_in_use')
+
+
+def summarize(case: Case, batch: int) -> Dict[str, float]:
+  median = statistics.median(case.times)
+  return {'method': case.method, 'compile_s': case.compile_seconds, 'median_step_ms': 1e3 * median,
+          'images_per_s': batch / median, 'gflops_per_step': case.flops / 1e9,
+          'tflops_per_s': case.flops / median / 1e12, 'steps_timed': len(case.times)}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--teacher', default='wrn40x2', choices=models.names())
+  parser.add_argument('--student', default='wrn16x2', choices=models.names())
+  parser.add_argument('--method', default='all', choices=METHODS + ('all',))
+  parser.add_argument('--batch', type=int, default=64)
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--steps', type=int, default=30, help='timed steps per method')
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--rounds', type=int, default=5, help='interleaved rounds (--method all)')
+  parser.add_argument('--image-size', type=int, default=32)
+  parser.add_argument('--channels', type=int, default=3)
+  parser.add_argument('--num-classes', type=int, default=100)
+  parser.add_argument('--qk-dim', type=int, default=128)
+  parser.add_argument('--json', action='store_true', help='print one JSON object')
+  args = parser.parse_args(argv)
+  mesh = sharding.make_mesh((-1, 1))
+  if args.batch % mesh.shape[sharding.DATA]:
+    parser.error(f'--batch {args.batch} must divide by the {mesh.shape[sharding.DATA]} devices')
+  methods = ('ce', 'kd', 'afd') if args.method == 'all' else (args.method,)
+  cases = [Case(m, args, mesh) for m in methods]
+  for case in cases:
+    case.run(args.warmup, record=False)
+  rounds = max(1, args.rounds if len(cases) > 1 else 1)
+  per_round = [args.steps // rounds + (i < args.steps % rounds) for i in range(rounds)]
+  for n in per_round:
+    for case in cases:
+      case.run(n, record=True)
+  results = [summarize(c, args.batch) for c in cases]
+  report = {'device': f'{jax.devices()[0].device_kind} x {jax.device_count()}',
+            'backend': jax.default_backend(), 'teacher': args.teacher, 'student': args.student,
+            'batch': args.batch, 'dtype': args.dtype, 'image_size': args.image_size,
+            'peak_memory_bytes': peak_memory_bytes(), 'results': results}
+  by = {r['method']: r['median_step_ms'] for r in results}
+  if 'afd' in by and 'kd' in by:
+    report['afd_over_kd'] = by['afd'] / by['kd']
+  if 'kd' in by and 'ce' in by:
+    report['kd_over_ce'] = by['kd'] / by['ce']
+  if args.json:
+    print(json.dumps(report))
+    return 0
+  print(f'{report["device"]} ({report["backend"]}), {args.teacher} -> {args.student}, batch '
+        f'{args.batch}, {args.dtype}, {args.image_size}x{args.image_size}')
+  print(f'{"method":8s} {"compile s":>9s} {"step ms":>9s} {"img/s":>9s} {"GFLOP/step":>11s} '
+        f'{"TFLOP/s":>8s}')
+  for r in results:
+    print(f'{r["method"]:8s} {r["compile_s"]:9.1f} {r["median_step_ms"]:9.1f} '
+          f'{r["images_per_s"]:9.0f} {r["gflops_per_step"]:11.2f} {r["tflops_per_s"]:8.3f}')
+  if report['peak_memory_bytes']:
+    print(f'peak device memory: {report["peak_memory_bytes"] / 2**30:.2f} GiB')
+  for key in ('afd_over_kd', 'kd_over_ce'):
+    if key in report:
+      print(f'{key.replace("_over_", "/")}: {report[key]:.3f}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

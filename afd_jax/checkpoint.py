@@ -1,0 +1,203 @@
+"""Orbax checkpoints: periodic async saves, restore-or-init, and teachers from checkpoints.
+
+Resume order: this workdir's latest complete checkpoint -> `config.resume_from` (another
+workdir's latest) -> a fresh init. A checkpoint that cannot be read is skipped with a warning
+in favour of the previous one; nothing is ever deleted except by the keep-N policy (the last
+`keep_checkpoints`, plus the best by eval top-1 when `keep_best`).
+"""
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from afd_jax.errors import UserError
+
+CHECKPOINTS = 'checkpoints'
+# Settings a checkpoint must agree with to be resumed (dotted config paths, plus num_classes).
+FINGERPRINT = ('dataset.name', 'num_classes', 'student.name', 'teacher.name', 'method',
+               'afd.qk_dim', 'batch_size')
+
+
+def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
+  out = {'num_classes': num_classes}
+  for key in FINGERPRINT:
+    if key == 'num_classes' or (key == 'teacher.name' and not distil):
+      continue
+    if key == 'afd.qk_dim' and config.method != 'afd':
+      continue
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    out[key] = value
+  return out
+
+
+def _warn(message: str) -> None:
+  logging.warning(message)
+  if jax.process_index() == 0:
+    print(f'WARNING: {message}', flush=True)
+
+
+class Checkpoints:
+  """An Orbax CheckpointManager under `workdir/checkpoints` holding `state` and `meta` items."""
+
+  def __init__(self, workdir: str, keep: int = 3, keep_best: bool = True,
+               async_save: bool = True, create: bool = True):
+    self.directory = epath.Path(workdir) / CHECKPOINTS
+    policies = [ocp.checkpoint_managers.LatestN(max(keep, 1))]
+    if keep_best:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda m: m['top1'], n=1, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save, create=create, read_only=not create)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'meta'))
+
+  def steps(self):
+    return sorted(self.manager.all_steps())
+
+  def read_meta(self, step: int) -> Dict[str, Any]:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def save(self, step: int, state, meta: Dict[str, Any],
+           metrics: Optional[Dict[str, float]] = None) -> bool:
+    """Saves asynchronously; a step that already exists (unreadable, skipped earlier) is kept."""
+    if step in self.manager.all_steps():
+      _warn(f'not saving step {step}: {self.directory / str(step)} already exists.')
+      return False
+    return self.manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      meta=ocp.args.JsonSave(meta)),
+        metrics=metrics, force=True)
+
+  def restore_latest(self, abstract_state) -> Optional[Tuple[Any, Dict[str, Any]]]:
+    """(state, meta) of the newest readable checkpoint, or None if there is none."""
+    for step in reversed(self.steps()):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return restored['state'], restored['meta']
+      except Exception as e:  # pylint: disable=broad-except
+        _warn(f'checkpoint {self.directory / str(step)} cannot be read and is skipped '
+              f'({type(e).__name__}: {str(e).splitlines()[0][:200]}).')
+    return None
+
+  def latest_meta(self) -> Optional[Dict[str, Any]]:
+    """The meta item of the newest checkpoint whose meta can be read."""
+    for step in reversed(self.steps()):
+      try:
+        return self.read_meta(step)
+      except Exception:  # pylint: disable=broad-except
+        continue
+    return None
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def check_compatible(meta: Optional[Dict[str, Any]], expected: Dict[str, Any], where: str) -> None:
+  """Refuses to resume from a checkpoint written under other key settings."""
+  if not meta:
+    return
+  saved = meta.get('fingerprint', {})
+  diffs = [f'{k}: checkpoint has {saved[k]!r}, config has {v!r}'
+           for k, v in expected.items() if k in saved and saved[k] != v]
+  if diffs:
+    raise UserError(f'{where} holds checkpoints of an incompatible run ({"; ".join(diffs)}). '
+                    'Use another --workdir, or restore the original settings.')
+
+
+def has_checkpoints(workdir: str) -> bool:
+  path = epath.Path(workdir) / CHECKPOINTS
+  return path.exists() and any(p.name.isdigit() for p in path.iterdir())
+
+
+def restore_raw_variables(workdir: str, collection_key: str = 'student') -> Tuple[Dict, Dict]:
+  """Model variables and meta of another run's latest readable checkpoint, as numpy arrays."""
+  ckpt = Checkpoints(workdir, create=False, async_save=False)
+  for step in reversed(ckpt.steps()):
+    try:
+      meta = ckpt.read_meta(step)
+      tree = ckpt.manager.item_metadata(step)['state']
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      state = ckpt.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(restore_args=restore_args)))['state']
+      variables = {'params': state['params'][collection_key],
+                   'batch_stats': state['batch_stats'][collection_key]}
+      return variables, meta
+    except Exception as e:  # pylint: disable=broad-except
+      _warn(f'checkpoint {ckpt.directory / str(step)} cannot be read and is skipped '
+            f'({type(e).__name__}).')
+  raise UserError(f'no readable checkpoint in {ckpt.directory}.')
+
+
+def load_teacher(config, model, num_classes: int, image_shape) -> Dict[str, Any]:
+  """Teacher variables from `config.teacher.checkpoint`: one of our workdirs or a PyTorch .pth.
+
+  Validates the model name, class count and every shape before training starts.
+  """
+  path = config.teacher.checkpoint
+  name = config.teacher.name
+  if path == 'random':  # Tests and benchmarks only: an untrained teacher.
+    _warn('teacher.checkpoint=random: distilling from an untrained teacher.')
+    images = jax.numpy.zeros((2,) + tuple(image_shape))
+    return jax.jit(lambda k: model.init(k, images, train=False))(jax.random.PRNGKey(config.seed + 1))
+  if not path:
+    raise UserError(f'method {config.method!r} needs a teacher: set config.teacher.checkpoint to '
+                    'a workdir of a teacher run or a PyTorch .pth file.')
+  if not os.path.exists(path):
+    raise UserError(f'teacher checkpoint {path} does not exist.')
+  if os.path.isdir(path):
+    if not has_checkpoints(path):
+      raise UserError(f'teacher checkpoint {path} is a folder without checkpoints '
+                      f'(expected {os.path.join(path, CHECKPOINTS)}/<step>).')
+    variables, meta = restore_raw_variables(path)
+    saved = meta.get('fingerprint', {})
+    if saved.get('student.name', name) != name:
+      raise UserError(f'teacher checkpoint {path} holds a {saved["student.name"]!r} model, '
+                      f'config.teacher.name is {name!r}.')
+  else:
+    from afd_jax.interop import torch as torch_interop  # pylint: disable=g-import-not-at-top
+    try:
+      variables = torch_interop.load(name, path)
+    except (ValueError, ImportError, RuntimeError, OSError) as e:
+      raise UserError(f'teacher checkpoint {path}: {e}') from e
+  images = jax.numpy.zeros((2,) + tuple(image_shape))
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+  check_shapes(variables, abstract, f'teacher checkpoint {path} ({name}, {num_classes} classes)')
+  return jax.tree.map(lambda x, a: np.asarray(x, a.dtype), variables, abstract)
+
+
+def check_shapes(variables, abstract, what: str) -> None:
+  """UserError naming every missing, unexpected or wrongly shaped variable."""
+  got = {jax.tree_util.keystr(p): np.shape(x)
+         for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  want = {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  problems = [f'missing {k}' for k in sorted(set(want) - set(got))]
+  problems += [f'unexpected {k}' for k in sorted(set(got) - set(want))]
+  problems += [f'{k}: {got[k]} vs expected {want[k]}' for k in sorted(set(got) & set(want))
+               if tuple(got[k]) != want[k]]
+  if problems:
+    shown = '; '.join(problems[:8]) + (f'; ... ({len(problems)} in all)' if len(problems) > 8 else '')
+    raise UserError(f'{what} does not fit the model: {shown}')
+
+
+def write_json(path, payload) -> None:
+  """Atomically writes JSON (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(payload, f, indent=2, sort_keys=True, default=float)
+  os.replace(tmp, path)

@@ -1,0 +1,63 @@
+"""Input pipelines: TFDS datasets, our offline `digits` / `fashion_mnist_local`, image folders.
+
+Importing this package does not import TensorFlow; the functions that need it import it.
+Each process reads its own disjoint share of every split and yields host-local numpy batches of
+`batch_size // process_count` examples; the engine assembles them into global arrays.
+"""
+import dataclasses
+import math
+from typing import Iterator, Optional, Tuple
+
+from afd_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  num_classes: int
+  image_shape: Tuple[int, int, int]  # (H, W, C) of the arrays the iterators yield
+  num_train: int                     # examples in the (possibly subset) train split, all processes
+  num_eval: int                      # examples in the eval split, all processes
+
+
+def dataset_info(config, *, process_count: int = 1,
+                 num_devices: Optional[int] = None) -> DatasetInfo:
+  """Validates `config` (batch sizes against the process and device counts where given) and the
+  dataset, building `digits` / `fashion_mnist_local` on first use. Raises UserError."""
+  from afd_jax.data import api  # pylint: disable=g-import-not-at-top
+  return api.dataset_info(config, process_count=process_count, num_devices=num_devices)
+
+
+def train_iterator(config, info: DatasetInfo, *, start_step: int, process_index: int,
+                   process_count: int) -> Iterator[dict]:
+  """Infinite {'image': float32 [b, H, W, C], 'label': int32 [b]}, b = batch_size // process_count;
+  batch k is global step k; starting at `start_step` continues an uninterrupted stream exactly."""
+  from afd_jax.data import api  # pylint: disable=g-import-not-at-top
+  return api.train_iterator(config, info, start_step=start_step, process_index=process_index,
+                            process_count=process_count)
+
+
+def eval_iterator(config, info: DatasetInfo, *, process_index: int,
+                  process_count: int) -> Iterator[dict]:
+  """One pass over this process's eval share: {'image', 'label', 'mask'} batches of
+  eval_batch_size // process_count, `mask` 0 on padding; `num_eval_batches` batches."""
+  from afd_jax.data import api  # pylint: disable=g-import-not-at-top
+  return api.eval_iterator(config, info, process_index=process_index, process_count=process_count)
+
+
+def local_batch_size(global_batch: int, process_count: int, what: str = 'batch_size') -> int:
+  if global_batch < 1 or global_batch % process_count:
+    raise UserError(f'{what}={global_batch} must be a positive multiple of the {process_count} '
+                    'processes.')
+  return global_batch // process_count
+
+
+def steps_per_epoch(config, info: DatasetInfo, process_count: int) -> int:
+  """Batches per epoch: the smallest process share over the local batch size."""
+  return (info.num_train // process_count) // local_batch_size(config.batch_size, process_count)
+
+
+def num_eval_batches(config, info: DatasetInfo, process_count: int) -> int:
+  """Eval batches per process: enough for the largest share."""
+  local = local_batch_size(config.eval_batch_size, process_count, 'eval_batch_size')
+  return math.ceil(math.ceil(info.num_eval / process_count) / local)

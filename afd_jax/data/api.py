@@ -1,0 +1,84 @@
+"""The TensorFlow side of `afd_jax.data`'s entry points: config -> source, augmentation, stream."""
+import functools
+import re
+from typing import Iterator, Optional
+
+from afd_jax.data import DatasetInfo, local_batch_size, num_eval_batches, steps_per_epoch
+from afd_jax.data import pipeline, sources
+from afd_jax.data.augment import Augment
+from afd_jax.data.tfimport import tf
+from afd_jax.errors import UserError
+
+
+def dataset_info(config, *, process_count: int = 1,
+                 num_devices: Optional[int] = None) -> DatasetInfo:
+  d = config.dataset
+  local_batch_size(config.batch_size, process_count)
+  local_batch_size(config.eval_batch_size, process_count, 'eval_batch_size')
+  for what in ('batch_size', 'eval_batch_size'):
+    if num_devices and config[what] % num_devices:
+      raise UserError(f'{what}={config[what]} must be a multiple of the {num_devices} devices.')
+  if d.train_subset < 0 or d.shuffle_buffer < 0:
+    raise UserError('dataset.train_subset and dataset.shuffle_buffer must be >= 0.')
+  source, augment = _open(config)
+  num_train = source.size(d.train_split)
+  if d.train_subset > num_train:
+    raise UserError(f'dataset.train_subset={d.train_subset} exceeds the {num_train} examples of '
+                    f'{source.name} {d.train_split}.')
+  num_train = d.train_subset or num_train
+  if num_train < config.batch_size:
+    raise UserError(f'{source.name} {d.train_split} has {num_train} examples, fewer than one '
+                    f'global batch (batch_size={config.batch_size}).')
+  return DatasetInfo(name=d.name, num_classes=source.num_classes,
+                     image_shape=augment.output_shape, num_train=num_train,
+                     num_eval=source.size(d.eval_split))
+
+
+def train_iterator(config, info: DatasetInfo, *, start_step: int, process_index: int,
+                   process_count: int) -> Iterator[dict]:
+  d = config.dataset
+  stream = pipeline.Stream(config.seed, process_index,
+                           local_batch_size(config.batch_size, process_count),
+                           steps_per_epoch(config, info, process_count), start_step)
+  source, augment = _open(config)
+  share = functools.partial(source.records, d.train_split, limit=d.train_subset,
+                            index=process_index, count=process_count)
+  if d.shuffle_buffer:
+    batches = pipeline.streamed_batches(lambda seed: share(shuffle_seed=seed), stream, augment,
+                                        source.decode, d.shuffle_buffer)
+  elif d.cache and source.image_shape is not None:
+    images, labels = pipeline.load(share(), source.decode)
+    batches = pipeline.memory_batches(images, labels, stream, augment)
+  else:
+    images, labels = pipeline.load(share())
+    batches = pipeline.memory_batches(images, labels, stream, augment, source.decode)
+  return _user_errors(batches, source, d.train_split)
+
+
+def eval_iterator(config, info: DatasetInfo, *, process_index: int,
+                  process_count: int) -> Iterator[dict]:
+  source, augment = _open(config)
+  records = source.records(config.dataset.eval_split, index=process_index, count=process_count)
+  batches = pipeline.eval_batches(
+      records, augment, source.decode,
+      local_batch_size(config.eval_batch_size, process_count, 'eval_batch_size'),
+      num_eval_batches(config, info, process_count))
+  return _user_errors(batches, source, config.dataset.eval_split)
+
+
+def _open(config):
+  source = sources.open_source(config.dataset)
+  return source, Augment.from_config(config.dataset, source.image_shape, source.channels)
+
+
+def _user_errors(batches: Iterator[dict], source, split: str,
+                 decode_error=tf.errors.InvalidArgumentError) -> Iterator[dict]:
+  """A decoding failure becomes a UserError naming the dataset and, for folders, the file.
+  (`decode_error` is bound here: a generator closed at interpreter exit may outlive `tf`.)"""
+  try:
+    yield from batches
+  except decode_error as e:
+    detail = re.search(r'assertion failed: (.*)', e.message)
+    detail = detail.group(1) if detail else e.message.split('}} ')[-1].splitlines()[0]
+    culprit = source.undecodable(split) if isinstance(source, sources.FolderSource) else None
+    raise UserError(f'{source.name}: cannot decode {culprit or "an image"}: {detail}') from None

@@ -1,0 +1,1 @@
+"""Our TFDS builders for datasets that need no download (imported lazily: they import TFDS)."""

@@ -1,0 +1,255 @@
+"""The training loop: mesh, data, restore-or-init, steps, eval, checkpoints, metrics.
+
+`train_and_evaluate(config, workdir)` trains a model alone (`method='none'` and no KD: teacher
+training, or a student from scratch) or distils a frozen teacher into a student.
+"""
+import hashlib
+import os
+import signal
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from afd_jax import checkpoint, data, distill, metrics, models, sharding, step
+from afd_jax.errors import UserError
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class TrainingDiverged(UserError):
+  """A loss term or the gradient became non-finite; no checkpoint of that state is written."""
+
+
+def params_sha256(params) -> str:
+  """SHA-256 of parameter bytes in a canonical (sorted-path) order: equal iff runs agree."""
+  digest = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+                           key=lambda item: jax.tree_util.keystr(item[0])):
+    leaf = np.asarray(jax.device_get(leaf))
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(f'{leaf.dtype}{leaf.shape}'.encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def validate(config) -> None:
+  """Checks the settings that need no data or devices; one clear message on the first problem."""
+  if config.method not in distill.METHODS:
+    raise UserError(f'Unknown method {config.method!r}. Known methods: {", ".join(distill.METHODS)}.')
+  names = [config.student.name] + ([config.teacher.name] if step.is_distillation(config) else [])
+  for name in names:
+    if name not in models.names():
+      raise UserError(f'Unknown model {name!r}. Known models: {", ".join(models.names())}.')
+  if config.dtype not in DTYPES:
+    raise UserError(f'dtype must be one of {", ".join(DTYPES)}, got {config.dtype!r}.')
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] < 1:
+      raise UserError(f'{key} must be positive, got {config[key]}.')
+  if config.num_epochs <= 0 and config.num_train_steps <= 0:
+    raise UserError('set num_epochs (or num_train_steps) to a positive number.')
+
+
+class PreemptionWatch:
+  """Did this job get a preemption notice (SIGTERM)? Multi-host: all processes agree on the
+  step through JAX's preemption sync point; single process: our own SIGTERM handler."""
+
+  def __init__(self):
+    self._flag = False
+    self._multi = jax.process_count() > 1
+    self._previous = None
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self._flag = True
+
+  def reached(self, step_id: int) -> bool:
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step_id)
+    return self._flag
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(eval_step, variables, config, info, mesh) -> Dict[str, float]:
+  """Top-1/top-5 (%) and loss over every eval example exactly once."""
+  totals = None
+  for batch in data.eval_iterator(config, info, process_index=jax.process_index(),
+                                  process_count=jax.process_count()):
+    sums = eval_step(variables, sharding.global_batch(batch, mesh))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals['count']), 1.0)
+  return {'top1': 100 * float(totals['correct1']) / count,
+          'top5': 100 * float(totals['correct5']) / count,
+          'loss': float(totals['loss_sum']) / count, 'count': int(totals['count'])}
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Trains and evaluates; returns (and writes to `workdir/summary.json`) the summary."""
+  start_time = time.time()
+  validate(config)
+  sharding.maybe_initialize_distributed()
+  mesh = sharding.make_mesh(config.mesh_shape)
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  info = data.dataset_info(config)
+  distil = step.is_distillation(config)
+  steps_per_epoch = data.steps_per_epoch(config, info, jax.process_count())
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else int(round(config.num_epochs * steps_per_epoch)))
+  task = step.task_from_config(config, info.num_classes, steps_per_epoch, DTYPES[config.dtype])
+  student, teacher = task.student, task.teacher
+
+  # Everything that can refuse does so before anything is written or compiled.
+  expected = checkpoint.fingerprint(config, info.num_classes, distil)
+  own = checkpoint.has_checkpoints(workdir)
+  if own:
+    checkpoint.check_compatible(checkpoint.Checkpoints(workdir, create=False).latest_meta(),
+                                expected, workdir)
+  elif config.resume_from:
+    if not checkpoint.has_checkpoints(config.resume_from):
+      raise UserError(f'resume_from={config.resume_from} has no checkpoints.')
+    checkpoint.check_compatible(
+        checkpoint.Checkpoints(config.resume_from, create=False).latest_meta(), expected,
+        config.resume_from)
+  rep = sharding.replicated(mesh)
+  teacher_vars = None
+  if distil:
+    teacher_vars = jax.device_put(
+        checkpoint.load_teacher(config, teacher, info.num_classes, info.image_shape), rep)
+
+  os.makedirs(workdir, exist_ok=True)
+  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints, config.keep_best)
+  init_fn = step.jit_init_state(task, mesh, info.image_shape,
+                                jax.eval_shape(lambda: teacher_vars) if distil else None)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                          jax.eval_shape(init_fn, rng))
+  writer = metrics.Writer(workdir)
+  restored = ckpts.restore_latest(abstract) if own else None
+  source = f'{workdir} (own checkpoint)'
+  if restored is None and config.resume_from:
+    restored = checkpoint.Checkpoints(config.resume_from, create=False).restore_latest(abstract)
+    source = f'{config.resume_from} (resume_from)'
+  if restored is not None:
+    state = restored[0]
+    writer.console(f'resumed from {source} at step {int(state.step)}')
+  else:
+    state = init_fn(rng)
+  start_step = int(state.step)
+  checkpoint.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+
+  train_step = step.jit_train_step(task, mesh)
+  eval_student = step.jit_eval_step(student, mesh)
+  writer.console(
+      f'{config.name}: {config.student.name}'
+      + (f' <- {config.teacher.name} ({config.method}, kd {config.loss.kd_weight})' if distil else '')
+      + f' on {info.name} ({info.num_train} train / {info.num_eval} eval, {info.num_classes} '
+      f'classes), {jax.device_count()} devices x {jax.process_count()} processes, '
+      f'{steps_per_epoch} steps/epoch, {total_steps} steps')
+  if distil:
+    teacher_eval = evaluate(step.jit_eval_step(teacher, mesh), teacher_vars, config, info, mesh)
+    writer.console(f'teacher {config.teacher.name}: top1 {teacher_eval["top1"]:.2f} '
+                   f'top5 {teacher_eval["top5"]:.2f}')
+    writer.scalars(start_step, {'teacher/top1': teacher_eval['top1']})
+  else:
+    teacher_eval = None
+
+  meta = lambda s, extra=None: {'fingerprint': expected, 'step': s, 'config_name': config.name,
+                                **(extra or {})}
+  train_iter = data.train_iterator(config, info, start_step=start_step,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  progress = metrics.Progress(total_steps, config.batch_size, start_step)
+  watch = PreemptionWatch()
+  history, history_start, attention = [], start_step, []
+  eval_metrics: Optional[Dict[str, float]] = None
+  status = 'finished'
+  try:
+    for step_index in range(start_step, total_steps):
+      batch = sharding.global_batch(next(train_iter), mesh)
+      state, step_metrics = train_step(state, teacher_vars, batch)
+      history.append(step_metrics)
+      done = step_index + 1
+      epoch_end = done % steps_per_epoch == 0 or done == total_steps
+      preempted = watch.reached(done)
+      periodic = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
+      if done % config.log_every_steps == 0 or epoch_end or periodic or preempted:
+        fetched = jax.device_get(history)
+        problem = metrics.first_non_finite(fetched, history_start + 1)
+        if problem:
+          last = ckpts.steps()
+          raise TrainingDiverged(
+              f'{problem}. Stopped; no checkpoint of this state was written'
+              + (f'; the last good checkpoint is step {last[-1]} in {ckpts.directory}.' if last
+                 else '.'))
+        attention += [m['attention'] for m in fetched if 'attention' in m]
+        means = metrics.mean_metrics([{k: v for k, v in m.items() if k != 'attention'}
+                                      for m in fetched])
+        speed = progress.update(done)
+        writer.scalars(done, {**{f'train/{k}': float(v) for k, v in means.items()}, **speed})
+        writer.console(
+            f'step {done}/{total_steps} (epoch {done / steps_per_epoch:.2f}) '
+            f'{metrics.format_terms(means, ["loss", "ce", "kd", config.method])} '
+            f'top1 {100 * means["top1"]:.1f} lr {means["learning_rate"]:.4g} | '
+            f'{speed["images_per_sec"]:.0f} img/s, {1000 * speed["step_time"]:.0f} ms/step, '
+            f'ETA {metrics.format_duration(speed["eta_sec"])}')
+        history, history_start = [], done
+      epoch = done // steps_per_epoch
+      save_metrics = None
+      if epoch_end and (epoch % config.eval_every_epochs == 0 or done == total_steps):
+        eval_metrics = evaluate(eval_student, {'params': state.params['student'],
+                                               'batch_stats': state.batch_stats['student']},
+                                config, info, mesh)
+        save_metrics = {'top1': eval_metrics['top1']}
+        writer.scalars(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
+        writer.console(f'eval at step {done}: top1 {eval_metrics["top1"]:.2f} '
+                       f'top5 {eval_metrics["top5"]:.2f} loss {eval_metrics["loss"]:.4f}')
+        if attention:
+          save_attention(workdir, done, np.mean(attention, axis=0), student, teacher, config)
+          attention = []
+      if epoch_end or periodic or preempted:
+        ckpts.save(done, state, meta(done, {'eval': eval_metrics}), metrics=save_metrics)
+      if preempted and done < total_steps:
+        status = 'preempted'
+        writer.console(f'preemption notice: saved step {done}; rerun the same command to resume.')
+        break
+  finally:
+    watch.close()
+    ckpts.close()
+  wall = time.time() - progress.start_time
+  summary = {'config_name': config.name, 'status': status, 'final_step': int(state.step),
+             'total_steps': total_steps, 'eval': eval_metrics, 'teacher_eval': teacher_eval,
+             'wall_time_sec': wall, 'total_time_sec': time.time() - start_time,
+             'params_sha256': params_sha256(state.params)}
+  if status == 'finished':
+    checkpoint.write_json(os.path.join(workdir, 'summary.json'), summary)
+    writer.console(f'done: step {summary["final_step"]}, eval top1 '
+                   f'{(eval_metrics or {}).get("top1", float("nan")):.2f}, '
+                   f'params_sha256 {summary["params_sha256"][:16]}...')
+  writer.close()
+  return summary
+
+
+def save_attention(workdir, step_count, mean_attention, student, teacher, config) -> None:
+  """Writes the mean attention (teacher layers x student layers) and, if enabled, its plot."""
+  if jax.process_index() != 0:
+    return
+  folder = os.path.join(workdir, 'attention')
+  os.makedirs(folder, exist_ok=True)
+  np.save(os.path.join(folder, f'{step_count:08d}.npy'), mean_attention)
+  logging.info('mean attention at step %d (T x S):\n%s', step_count,
+               np.array2string(mean_attention, precision=2, max_line_width=200))
+  if config.plot_attention:
+    from afd_jax import viz  # pylint: disable=g-import-not-at-top
+    viz.plot_attention(mean_attention, [t.name for t in teacher.taps()],
+                       [t.name for t in student.taps()], os.path.join(workdir, 'attention.png'),
+                       title=f'{config.teacher.name} -> {config.student.name}, step {step_count}')

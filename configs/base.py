@@ -1,0 +1,72 @@
+"""The shared base configuration; every experiment file starts from `get_base_config()`.
+
+Field names are stable: scripts and docs rely on them.
+"""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = 'afd'                 # a label for logs and summary.json
+  c.seed = 0
+  c.method = 'afd'               # feature loss: none | afd | fitnet | at | sp
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'cifar100'    # a TFDS name, 'digits', 'fashion_mnist_local' or 'image_folder'
+  c.dataset.data_dir = ''        # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
+  c.dataset.folder = ''          # image_folder: root with train/ and test/ (or valid/);
+                                 # fashion_mnist_local: the IDX folder (default: Debian's)
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'test'
+  c.dataset.train_subset = 0     # >0: use only the first N training examples
+  c.dataset.augment = 'cifar'    # cifar (pad + random crop + flip) | imagenet | none
+  c.dataset.crop_padding = 4     # cifar augmentation: zero padding before the random crop
+  c.dataset.random_flip = True   # horizontal flips (cifar and imagenet augmentation)
+  c.dataset.image_size = 32      # imagenet augmentation: output size (eval: resize 256/224 ratio)
+  c.dataset.mean = (0.5071, 0.4867, 0.4408)
+  c.dataset.std = (0.2675, 0.2565, 0.2761)
+  c.dataset.shuffle_buffer = 0   # 0: a full permutation of the split each epoch
+  c.dataset.cache = True         # keep decoded examples in memory (small datasets)
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.name = 'wrn40x2'
+  c.teacher.checkpoint = ''      # our run's workdir (Orbax) or a PyTorch .pth; '' = no teacher
+
+  c.student = ml_collections.ConfigDict()
+  c.student.name = 'wrn16x2'
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.ce_weight = 1.0
+  c.loss.kd_weight = 0.9         # Hinton KD on logits; 0 disables
+  c.loss.kd_temperature = 4.0
+  c.loss.feature_weight = 200.0  # beta, the weight of the feature loss
+
+  c.afd = ml_collections.ConfigDict()
+  c.afd.qk_dim = 128
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 0.05   # for the global batch size below
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = False
+  c.optimizer.weight_decay = 5e-4    # PyTorch-style: added to the gradient before momentum
+  c.optimizer.decay_bias_and_bn = True  # official: decay every parameter
+  c.optimizer.schedule = 'step'      # step | cosine | constant
+  c.optimizer.decay_epochs = (150, 180, 210)  # 1-based epochs from which lr *= decay_factor
+  c.optimizer.decay_factor = 0.1
+  c.optimizer.warmup_epochs = 0.0
+
+  c.num_epochs = 240
+  c.batch_size = 64              # global, over all devices and hosts
+  c.eval_batch_size = 256        # global
+  c.num_train_steps = -1         # >0: stop after this many steps (tests, smoke runs)
+  c.dtype = 'float32'            # activations: float32 | bfloat16 (parameters stay float32)
+  c.mesh_shape = (-1, 1)         # (data, model); -1 = all remaining devices
+
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  c.checkpoint_every_steps = 0   # 0: only at the end of every epoch (and on preemption)
+  c.keep_checkpoints = 3
+  c.keep_best = True             # also keep the checkpoint with the best eval top-1
+  c.resume_from = ''             # a workdir to start from when this workdir has no checkpoint
+  c.plot_attention = True
+  return c

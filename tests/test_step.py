@@ -1,0 +1,174 @@
+"""The jitted, sharded train step: device-count invariance, one compilation, frozen teacher,
+learning a toy task, KD + AFD stability. Tiny models on 8x8 images."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh
+
+from afd_jax import models, optim, sharding, step
+from afd_jax.distill import AFD
+
+
+def opt_config(lr=0.05):
+  c = ml_collections.ConfigDict()
+  c.learning_rate, c.momentum, c.nesterov, c.weight_decay = lr, 0.9, False, 5e-4
+  c.decay_bias_and_bn, c.schedule, c.decay_epochs, c.decay_factor, c.warmup_epochs = (
+      True, 'constant', (), 0.1, 0.0)
+  return c
+
+
+def tiny_task(method='afd', kd_weight=0.9, lr=0.05, feature_weight=200.0, dtype=jnp.float32):
+  schedule = optax.constant_schedule(lr)
+  distil = method == 'afd' or kd_weight > 0
+  return step.Task(
+      student=models.create('resnet8', 4, dtype=dtype),
+      teacher=models.create('resnet14', 4, dtype=dtype) if distil else None,
+      distiller=AFD(qk_dim=16) if method == 'afd' else None, feature_name=method,
+      tx=optim.make_optimizer(opt_config(lr), schedule), schedule=schedule,
+      kd_weight=kd_weight, feature_weight=feature_weight if method == 'afd' else 0.0)
+
+
+def mesh_of(n):
+  return Mesh(np.asarray(jax.devices()[:n]).reshape(n, 1), (sharding.DATA, sharding.MODEL))
+
+
+def toy_batch(rng, batch=16, size=8):
+  """A learnable task: the class is the brightest image quadrant."""
+  labels = rng.integers(0, 4, size=batch)
+  images = 0.3 * rng.normal(size=(batch, size, size, 3))
+  h = size // 2
+  for i, c in enumerate(labels):
+    r, col = divmod(int(c), 2)
+    images[i, r * h:(r + 1) * h, col * h:(col + 1) * h] += 1.5
+  return {'image': images.astype(np.float32), 'label': labels.astype(np.int32)}
+
+
+def setup(task, mesh):
+  teacher_vars = None
+  if task.teacher is not None:
+    teacher_vars = task.teacher.init(jax.random.PRNGKey(7), jnp.zeros((2, 8, 8, 3)), train=False)
+  init = step.jit_init_state(task, mesh, (8, 8, 3),
+                             jax.eval_shape(lambda: teacher_vars) if teacher_vars else None)
+  state = init(jax.random.PRNGKey(0))
+  rep = sharding.replicated(mesh)
+  return state, (jax.device_put(teacher_vars, rep) if teacher_vars else None)
+
+
+def run(task, mesh, batches, train_step=None):
+  state, teacher_vars = setup(task, mesh)
+  train_step = train_step or step.jit_train_step(task, mesh)
+  history = []
+  for b in batches:
+    state, m = train_step(state, teacher_vars, sharding.global_batch(b, mesh))
+    history.append(jax.device_get(m))
+  return state, teacher_vars, history, train_step
+
+
+@pytest.fixture(scope='module')
+def batches():
+  rng = np.random.default_rng(0)
+  return [toy_batch(rng) for _ in range(3)]
+
+
+@pytest.fixture(scope='module')
+def afd8():
+  """The KD + AFD task on 8 devices, its step compiled once for the whole module."""
+  task, mesh = tiny_task(), mesh_of(8)
+  return task, mesh, step.jit_train_step(task, mesh)
+
+
+def test_eight_devices_equal_one_device(batches, afd8):
+  task, mesh8, train_step8 = afd8
+  s1, _, h1, _ = run(task, mesh_of(1), batches)
+  s8, _, h8, _ = run(task, mesh8, batches, train_step8)
+  assert len(jax.devices()) == 8
+  for a, b in zip(h1, h8):
+    for k in ('loss', 'ce', 'kd', 'afd'):
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+  max_diff = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max())
+  # Parameters (student and meta-network): max abs difference <= 1e-5 after 3 steps.
+  assert max(jax.tree.leaves(jax.tree.map(max_diff, s1.params, s8.params))) <= 1e-5
+  # Running statistics (variances reach ~4 here): relative to their magnitude.
+  rel = jax.tree.map(lambda a, b: max_diff(a, b) / max(float(np.abs(a).max()), 1.0),
+                     s1.batch_stats, s8.batch_stats)
+  assert max(jax.tree.leaves(rel)) <= 1e-5
+
+
+def test_compiles_once_teacher_frozen_student_and_meta_network_change(batches, afd8):
+  task, mesh, train_step = afd8
+  state0, teacher_vars = setup(task, mesh)
+  before = jax.device_get((state0.params, teacher_vars))
+  state = state0
+  for b in batches * 2:
+    state, _ = train_step(state, teacher_vars, sharding.global_batch(b, mesh))
+  assert train_step._cache_size() == 1  # pylint: disable=protected-access
+  # (The module shares this compiled step; other tests reuse it without retracing.)
+  assert int(state.step) == 6
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(teacher_vars), before[1])
+  for part in ('student', 'distiller'):
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
+                           state.params[part], before[0][part])
+    assert all(jax.tree.leaves(changed)), part
+
+
+def test_state_is_donated_teacher_is_not(batches, afd8):
+  task, mesh, train_step = afd8
+  state, teacher_vars = setup(task, mesh)
+  new_state, _ = train_step(state, teacher_vars, sharding.global_batch(batches[0], mesh))
+  assert jax.tree.leaves(state.params)[0].is_deleted()
+  assert not jax.tree.leaves(teacher_vars)[0].is_deleted()
+  assert not jax.tree.leaves(new_state.params)[0].is_deleted()
+
+
+def test_student_learns_a_toy_task():
+  rng = np.random.default_rng(1)
+  task = tiny_task(method='none', kd_weight=0.0, lr=0.1)
+  mesh = mesh_of(8)
+  state, _ = setup(task, mesh)
+  train_step = step.jit_train_step(task, mesh)
+  for _ in range(60):
+    state, _ = train_step(state, None, sharding.global_batch(toy_batch(rng, 32), mesh))
+  test = toy_batch(np.random.default_rng(99), 256)
+  test['mask'] = np.ones(256, np.float32)
+  sums = jax.device_get(step.jit_eval_step(task.student, mesh)(
+      {'params': state.params['student'], 'batch_stats': state.batch_stats['student']},
+      sharding.global_batch(test, mesh)))
+  assert sums['count'] == 256
+  assert sums['correct1'] / 256 >= 0.9  # stated target: 90% after 60 steps (chance: 25%)
+
+
+def test_kd_and_afd_run_50_steps_without_nan(afd8):
+  task, mesh, train_step = afd8
+  rng = np.random.default_rng(2)
+  _, _, history, _ = run(task, mesh, [toy_batch(rng) for _ in range(50)], train_step)
+  for m in history:
+    for k in ('loss', 'ce', 'kd', 'afd', 'grad_norm'):
+      assert np.isfinite(m[k]), k
+  assert history[-1]['attention'].shape == (6, 3)
+  np.testing.assert_allclose(history[-1]['attention'].sum(-1), 1.0, rtol=1e-5)
+  assert history[-1]['loss'] < history[0]['loss']
+
+
+def test_bfloat16_step_is_close_to_float32(batches, afd8):
+  task, mesh, train_step = afd8
+  _, _, h32, _ = run(task, mesh, batches[:1], train_step)
+  _, _, h16, _ = run(tiny_task(dtype=jnp.bfloat16), mesh_of(8), batches[:1])
+  for k in ('ce', 'kd', 'afd'):
+    np.testing.assert_allclose(h16[0][k], h32[0][k], rtol=0.05)
+
+
+def test_eval_step_masks_padding():
+  task = tiny_task(method='none', kd_weight=0.0)
+  mesh = mesh_of(8)
+  state, _ = setup(task, mesh)
+  batch = toy_batch(np.random.default_rng(3), 16)
+  batch['mask'] = np.asarray([1] * 11 + [0] * 5, np.float32)
+  variables = {'params': state.params['student'], 'batch_stats': state.batch_stats['student']}
+  sums = jax.device_get(step.jit_eval_step(task.student, mesh)(variables,
+                                                                sharding.global_batch(batch, mesh)))
+  logits, _ = task.student.apply(jax.device_get(variables), batch['image'], train=False)
+  correct = np.asarray(np.argmax(logits, -1) == batch['label'])[:11].sum()
+  assert sums['count'] == 11 and sums['correct1'] == correct
