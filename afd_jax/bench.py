@@ -23,6 +23,7 @@ import numpy as np
 from afd_jax import distill, models, sharding, step
 
 METHODS = ('ce', 'kd', 'afd', 'fitnet', 'at', 'sp')
+FEATURE_METHODS = tuple(m for m in distill.METHODS if m != 'none')  # timed next to kd
 
 
 def namespace(d):
@@ -32,13 +33,20 @@ def namespace(d):
 
 def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128):
   """Official CIFAR-100 hyper-parameters; `ce`: student alone, `kd`: + Hinton KD,
-  other methods: + KD + that feature loss."""
-  feature = method if method in distill.METHODS and method != 'none' else 'none'
+  other methods: + KD + that feature loss at its default weight (distill.DEFAULT_FEATURE_WEIGHT).
+
+  fitnet/at/sp are timed with KD 0.9 on top, like afd (CRD runs them without KD), so that every
+  feature method's ratio to kd is the cost of its feature loss alone."""
+  if method not in METHODS:
+    raise ValueError(f'Unknown method {method!r}. Known methods: {", ".join(METHODS)}.')
+  feature = method if method in distill.METHODS else 'none'
   return namespace({
       'method': feature, 'teacher': {'name': teacher}, 'student': {'name': student},
-      'afd': {'qk_dim': qk_dim}, 'num_epochs': 240,
+      'afd': {'qk_dim': qk_dim}, 'fitnet': {'student_tap': -1, 'teacher_tap': -1, 'relu': True},
+      'num_epochs': 240,
       'loss': {'ce_weight': 1.0, 'kd_weight': 0.0 if method == 'ce' else 0.9,
-               'kd_temperature': 4.0, 'feature_weight': 200.0},
+               'kd_temperature': 4.0,
+               'feature_weight': distill.DEFAULT_FEATURE_WEIGHT.get(feature, 0.0)},
       'optimizer': {'learning_rate': 0.05, 'momentum': 0.9, 'nesterov': False,
                     'weight_decay': 5e-4, 'decay_bias_and_bn': True, 'schedule': 'step',
                     'decay_epochs': (150, 180, 210), 'decay_factor': 0.1,
@@ -138,8 +146,9 @@ def main(argv=None) -> int:
             'batch': args.batch, 'dtype': args.dtype, 'image_size': args.image_size,
             'peak_memory_bytes': peak_memory_bytes(), 'results': results}
   by = {r['method']: r['median_step_ms'] for r in results}
-  if 'afd' in by and 'kd' in by:
-    report['afd_over_kd'] = by['afd'] / by['kd']
+  for m in FEATURE_METHODS:
+    if m in by and 'kd' in by:
+      report[f'{m}_over_kd'] = by[m] / by['kd']
   if 'kd' in by and 'ce' in by:
     report['kd_over_ce'] = by['kd'] / by['ce']
   if args.json:
@@ -154,7 +163,7 @@ def main(argv=None) -> int:
           f'{r["images_per_s"]:9.0f} {r["gflops_per_step"]:11.2f} {r["tflops_per_s"]:8.3f}')
   if report['peak_memory_bytes']:
     print(f'peak device memory: {report["peak_memory_bytes"] / 2**30:.2f} GiB')
-  for key in ('afd_over_kd', 'kd_over_ce'):
+  for key in [f'{m}_over_kd' for m in FEATURE_METHODS] + ['kd_over_ce']:
     if key in report:
       print(f'{key.replace("_over_", "/")}: {report[key]:.3f}')
   return 0

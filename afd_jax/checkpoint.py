@@ -20,7 +20,8 @@ from afd_jax.errors import UserError
 CHECKPOINTS = 'checkpoints'
 # Settings a checkpoint must agree with to be resumed (dotted config paths, plus num_classes).
 FINGERPRINT = ('dataset.name', 'num_classes', 'student.name', 'teacher.name', 'method',
-               'afd.qk_dim', 'batch_size')
+               'afd.qk_dim', 'fitnet.student_tap', 'fitnet.teacher_tap', 'fitnet.relu',
+               'batch_size')
 
 
 def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
@@ -28,8 +29,9 @@ def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
   for key in FINGERPRINT:
     if key == 'num_classes' or (key == 'teacher.name' and not distil):
       continue
-    if key == 'afd.qk_dim' and config.method != 'afd':
-      continue
+    section = key.split('.')[0]
+    if section in ('afd', 'fitnet') and config.method != section:
+      continue  # a method's own settings matter only when it runs
     value = config
     for part in key.split('.'):
       value = value[part]
@@ -38,9 +40,11 @@ def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
 
 
 def _warn(message: str) -> None:
-  logging.warning(message)
+  """A warning on the console of process 0 (and in the absl log of every process)."""
   if jax.process_index() == 0:
     print(f'WARNING: {message}', flush=True)
+  else:
+    logging.warning(message)
 
 
 class Checkpoints:
@@ -56,8 +60,10 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=create, read_only=not create)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'meta'))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()})
 
   def steps(self):
     return sorted(self.manager.all_steps())
@@ -128,10 +134,13 @@ def restore_raw_variables(workdir: str, collection_key: str = 'student') -> Tupl
   for step in reversed(ckpt.steps()):
     try:
       meta = ckpt.read_meta(step)
-      tree = ckpt.manager.item_metadata(step)['state']
-      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      # Restore onto one local device whatever the topology it was saved from.
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            ckpt.manager.item_metadata(step)['state'])
       state = ckpt.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.PyTreeRestore(restore_args=restore_args)))['state']
+          state=ocp.args.StandardRestore(target)))['state']
+      state = jax.device_get(state)
       variables = {'params': state['params'][collection_key],
                    'batch_stats': state['batch_stats'][collection_key]}
       return variables, meta
@@ -174,6 +183,10 @@ def load_teacher(config, model, num_classes: int, image_shape) -> Dict[str, Any]
       raise UserError(f'teacher checkpoint {path}: {e}') from e
   images = jax.numpy.zeros((2,) + tuple(image_shape))
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+  head = np.shape(variables.get('params', {}).get('fc', {}).get('kernel', ()))
+  if len(head) == 2 and head[1] != num_classes:
+    raise UserError(f'teacher checkpoint {path} has {head[1]} classes, the dataset has '
+                    f'{num_classes}.')
   check_shapes(variables, abstract, f'teacher checkpoint {path} ({name}, {num_classes} classes)')
   return jax.tree.map(lambda x, a: np.asarray(x, a.dtype), variables, abstract)
 

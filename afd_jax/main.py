@@ -20,6 +20,34 @@ flags.mark_flags_as_required(['config', 'workdir'])
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, a checkpoint was saved; rerun to resume.
 
 
+def _one_line(error: BaseException) -> str:
+  """One line from a flag/config error. absl and ml_collections wrap the config file's own
+  exception, its traceback text included: take the outer message if it is one line, else the
+  innermost cause; an unknown key keeps ml_collections' did-you-mean hint."""
+  chain = [error]
+  while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  keys = [e for e in chain if isinstance(e, KeyError) and e.args]
+  if keys:
+    text = str(keys[0].args[0]).replace('\n', ' ').replace('\\n', ' ')
+    return f'unknown config key {" ".join(text.split())}'
+  outer = str(chain[0]).strip()
+  if outer and '\n' not in outer:
+    return outer
+  return ' '.join(str(chain[-1]).split())
+
+
+def parse_flags(argv):
+  """absl's parsing, but a bad flag, config file or config key is one line and exit code 2."""
+  try:
+    remaining = flags.FLAGS(argv)
+    _CONFIG.value.to_dict()  # A config that failed to load raises only when used.
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'error: {_one_line(e)}', file=sys.stderr, flush=True)
+    sys.exit(2)
+  return remaining
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -35,4 +63,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

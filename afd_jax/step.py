@@ -38,6 +38,7 @@ class Task:
   kd_weight: float = 0.0
   kd_temperature: float = 4.0
   feature_weight: float = 0.0
+  nan_at_step: int = -1  # Fault injection (tests of the divergence guard): CE is NaN at this step.
 
   @property
   def needs_teacher(self) -> bool:
@@ -101,6 +102,8 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
           {'params': params['student'], 'batch_stats': state.batch_stats['student']}, images,
           train=True, mutable=['batch_stats'], rngs={'dropout': rng})
       terms = {'ce': cross_entropy(logits, labels)}
+      if task.nan_at_step > 0:
+        terms['ce'] = jnp.where(state.step + 1 == task.nan_at_step, jnp.nan, terms['ce'])
       loss = task.ce_weight * terms['ce']
       if task.kd_weight > 0:
         terms['kd'] = kd_loss(logits, t_logits, task.kd_temperature)

@@ -3,6 +3,7 @@
 `train_and_evaluate(config, workdir)` trains a model alone (`method='none'` and no KD: teacher
 training, or a student from scratch) or distils a frozen teacher into a student.
 """
+import dataclasses
 import hashlib
 import os
 import signal
@@ -100,12 +101,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  info = data.dataset_info(config)
+  info = data.dataset_info(config, process_count=jax.process_count(),
+                           num_devices=mesh.shape[sharding.DATA])
   distil = step.is_distillation(config)
   steps_per_epoch = data.steps_per_epoch(config, info, jax.process_count())
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(round(config.num_epochs * steps_per_epoch)))
   task = step.task_from_config(config, info.num_classes, steps_per_epoch, DTYPES[config.dtype])
+  if config.debug_nan_at_step > 0:
+    task = dataclasses.replace(task, nan_at_step=config.debug_nan_at_step)
   student, teacher = task.student, task.teacher
 
   # Everything that can refuse does so before anything is written or compiled.
@@ -172,6 +176,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   watch = PreemptionWatch()
   history, history_start, attention = [], start_step, []
   eval_metrics: Optional[Dict[str, float]] = None
+  train_metrics: Dict[str, float] = {}
   status = 'finished'
   try:
     for step_index in range(start_step, total_steps):
@@ -194,6 +199,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         attention += [m['attention'] for m in fetched if 'attention' in m]
         means = metrics.mean_metrics([{k: v for k, v in m.items() if k != 'attention'}
                                       for m in fetched])
+        train_metrics = {k: float(v) for k, v in means.items()}
         speed = progress.update(done)
         writer.scalars(done, {**{f'train/{k}': float(v) for k, v in means.items()}, **speed})
         writer.console(
@@ -223,11 +229,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         writer.console(f'preemption notice: saved step {done}; rerun the same command to resume.')
         break
   finally:
+    train_iter = None  # Close the input pipeline now, not at interpreter exit.
     watch.close()
     ckpts.close()
   wall = time.time() - progress.start_time
   summary = {'config_name': config.name, 'status': status, 'final_step': int(state.step),
              'total_steps': total_steps, 'eval': eval_metrics, 'teacher_eval': teacher_eval,
+             'train': train_metrics,
              'wall_time_sec': wall, 'total_time_sec': time.time() - start_time,
              'params_sha256': params_sha256(state.params)}
   if status == 'finished':

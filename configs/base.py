@@ -26,6 +26,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dataset.mean = (0.5071, 0.4867, 0.4408)
   c.dataset.std = (0.2675, 0.2565, 0.2761)
   c.dataset.shuffle_buffer = 0   # 0: a full permutation of the split each epoch
+  c.dataset.num_shards = 0       # disjoint shares of the train split, 0 = one per process; fix it
+                                 # to get the same batches on any number of processes
   c.dataset.cache = True         # keep decoded examples in memory (small datasets)
 
   c.teacher = ml_collections.ConfigDict()
@@ -43,6 +45,13 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.afd = ml_collections.ConfigDict()
   c.afd.qk_dim = 128
+
+  # Baselines (configs/methods.py sets each method's loss weights). AT pairs the stage-final
+  # taps of every stage both models have; SP uses each model's last tap; both are parameter-free.
+  c.fitnet = ml_collections.ConfigDict()
+  c.fitnet.student_tap = -1      # -1: last tap of the middle stage (CRD's hint_layer=2); else a
+  c.fitnet.teacher_tap = -1      # tap index into model.taps()
+  c.fitnet.relu = True           # regressor 1x1 conv -> BN -> ReLU, as CRD's ConvReg
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 0.05   # for the global batch size below
@@ -69,4 +78,5 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.keep_best = True             # also keep the checkpoint with the best eval top-1
   c.resume_from = ''             # a workdir to start from when this workdir has no checkpoint
   c.plot_attention = True
+  c.debug_nan_at_step = 0        # >0: make the CE loss NaN at this step (tests the divergence guard)
   return c

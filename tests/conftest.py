@@ -27,3 +27,15 @@ def reference_dir() -> pathlib.Path:
     pytest.skip(f'reference arrays not found at {REFERENCE_DIR} '
                 '(set AFD_REFERENCE_DIR to the folder holding the official .npz files)')
   return REFERENCE_DIR
+
+
+@pytest.fixture(scope='session')
+def digits_data_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir holding the offline `digits` dataset, built once per session."""
+  from afd_jax import data  # pylint: disable=g-import-not-at-top
+  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path_factory.mktemp('tfds_digits'))
+  config = quickstart.get_config('teacher')
+  config.dataset.data_dir = path
+  data.dataset_info(config)
+  return path

@@ -200,6 +200,23 @@ def test_two_processes_get_disjoint_shares_whose_union_is_the_split(digits_dir):
   assert not shares[0] & shares[1] and shares[0] | shares[1] == everything
 
 
+def test_fixed_num_shards_gives_the_same_batches_on_any_process_count(digits_dir):
+  """One process reading both shards yields the concatenation of what two processes yield."""
+  config = digits_config(digits_dir, num_shards=2)
+  info = data.dataset_info(config)
+  assert data.steps_per_epoch(config, info, 1) == data.steps_per_epoch(config, info, 2) == 22
+  single = take(train(config, info, start_step=21), 2)  # crosses the epoch boundary
+  halves = [take(train(config, info, start_step=21, process_index=i, process_count=2), 2)
+            for i in range(2)]
+  for k, batch in enumerate(single):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(
+          batch[key], np.concatenate([halves[0][k][key], halves[1][k][key]]))
+  config.dataset.num_shards = 3
+  with pytest.raises(UserError, match='num_shards=3 must be a positive multiple of the 2'):
+    data.steps_per_epoch(config, info, 2)
+
+
 def test_eval_covers_each_example_once_for_uneven_sizes(digits_dir):
   config = digits_config(digits_dir, eval_split='test[:13]')
   config.eval_batch_size = 4

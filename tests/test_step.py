@@ -49,7 +49,8 @@ def toy_batch(rng, batch=16, size=8):
 def setup(task, mesh):
   teacher_vars = None
   if task.teacher is not None:
-    teacher_vars = task.teacher.init(jax.random.PRNGKey(7), jnp.zeros((2, 8, 8, 3)), train=False)
+    teacher_vars = jax.jit(lambda k: task.teacher.init(k, jnp.zeros((2, 8, 8, 3)), train=False))(
+        jax.random.PRNGKey(7))
   init = step.jit_init_state(task, mesh, (8, 8, 3),
                              jax.eval_shape(lambda: teacher_vars) if teacher_vars else None)
   state = init(jax.random.PRNGKey(0))

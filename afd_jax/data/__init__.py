@@ -31,7 +31,8 @@ def dataset_info(config, *, process_count: int = 1,
 def train_iterator(config, info: DatasetInfo, *, start_step: int, process_index: int,
                    process_count: int) -> Iterator[dict]:
   """Infinite {'image': float32 [b, H, W, C], 'label': int32 [b]}, b = batch_size // process_count;
-  batch k is global step k; starting at `start_step` continues an uninterrupted stream exactly."""
+  batch k is global step k; starting at `start_step` continues an uninterrupted stream exactly.
+  The process's rows are the batches of its shards (see `num_shards`), concatenated."""
   from afd_jax.data import api  # pylint: disable=g-import-not-at-top
   return api.train_iterator(config, info, start_step=start_step, process_index=process_index,
                             process_count=process_count)
@@ -52,9 +53,22 @@ def local_batch_size(global_batch: int, process_count: int, what: str = 'batch_s
   return global_batch // process_count
 
 
+def num_shards(config, process_count: int) -> int:
+  """How many disjoint shares the training split is cut into (`dataset.num_shards`, 0 = one per
+  process). Each process reads `num_shards / process_count` whole shares; the global batch is
+  the concatenation of the shares' batches in shard order, so a run with a fixed `num_shards`
+  sees the same batches on any number of processes (1 process x 8 devices = 2 x 4)."""
+  n = config.dataset.num_shards or process_count
+  if n < 1 or n % process_count:
+    raise UserError(f'dataset.num_shards={n} must be a positive multiple of the '
+                    f'{process_count} processes.')
+  return n
+
+
 def steps_per_epoch(config, info: DatasetInfo, process_count: int) -> int:
-  """Batches per epoch: the smallest process share over the local batch size."""
-  return (info.num_train // process_count) // local_batch_size(config.batch_size, process_count)
+  """Batches per epoch: the smallest shard over the shard's part of the global batch."""
+  n = num_shards(config, process_count)
+  return (info.num_train // n) // local_batch_size(config.batch_size, n, 'batch_size (per shard)')
 
 
 def num_eval_batches(config, info: DatasetInfo, process_count: int) -> int:

@@ -3,7 +3,10 @@ import functools
 import re
 from typing import Iterator, Optional
 
-from afd_jax.data import DatasetInfo, local_batch_size, num_eval_batches, steps_per_epoch
+import numpy as np
+
+from afd_jax.data import (DatasetInfo, local_batch_size, num_eval_batches, num_shards,
+                          steps_per_epoch)
 from afd_jax.data import pipeline, sources
 from afd_jax.data.augment import Augment
 from afd_jax.data.tfimport import tf
@@ -36,13 +39,25 @@ def dataset_info(config, *, process_count: int = 1,
 
 def train_iterator(config, info: DatasetInfo, *, start_step: int, process_index: int,
                    process_count: int) -> Iterator[dict]:
+  shards = num_shards(config, process_count)
+  per_process = shards // process_count
+  streams = [_shard_batches(config, info, shard, shards, start_step, process_count)
+             for shard in range(process_index * per_process, (process_index + 1) * per_process)]
+  if per_process == 1:
+    return streams[0]
+  return ({k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+          for parts in zip(*streams))
+
+
+def _shard_batches(config, info: DatasetInfo, shard: int, shards: int, start_step: int,
+                   process_count: int) -> Iterator[dict]:
+  """The training stream of one shard of the train split."""
   d = config.dataset
-  stream = pipeline.Stream(config.seed, process_index,
-                           local_batch_size(config.batch_size, process_count),
+  stream = pipeline.Stream(config.seed, shard, local_batch_size(config.batch_size, shards),
                            steps_per_epoch(config, info, process_count), start_step)
   source, augment = _open(config)
   share = functools.partial(source.records, d.train_split, limit=d.train_subset,
-                            index=process_index, count=process_count)
+                            index=shard, count=shards)
   if d.shuffle_buffer:
     batches = pipeline.streamed_batches(lambda seed: share(shuffle_seed=seed), stream, augment,
                                         source.decode, d.shuffle_buffer)

@@ -19,7 +19,7 @@ def run(num_batches: int = 500, warmup: int = 50, batch_size: int = 256,
   images = rng.integers(0, 256, (num_examples, 32, 32, 3), np.uint8)
   labels = rng.integers(0, 100, num_examples).astype(np.int32)
   augment = Augment('cifar', 32, 4, True, stats.CIFAR100_MEAN, stats.CIFAR100_STD, (32, 32, 3), 3)
-  stream = pipeline.Stream(seed=0, process_index=0, batch_size=batch_size,
+  stream = pipeline.Stream(seed=0, shard=0, batch_size=batch_size,
                            steps_per_epoch=num_examples // batch_size, start_step=0)
   batches = pipeline.memory_batches(images, labels, stream, augment)
   for _ in range(warmup):

@@ -8,9 +8,10 @@ the first steps_per_epoch * batch_size examples of its order, so all processes s
 - shuffle_buffer > 0 (for splits too large for memory): every epoch reads the share's files in an
   order seeded by `epoch_seed` through a shuffle buffer with the same seed. A stream started at
   step k re-reads the first k % steps_per_epoch batches of its epoch, and drops them.
-Random augmentations draw from stateless keys folded from (seed, process_index, epoch) and the
+Random augmentations draw from stateless keys folded from (seed, shard, epoch) and the
 step (per-batch draws) or the example's position in the epoch (per-example draws), so a batch is
-a pure function of (seed, process_index, epoch, position), and a restart is exact.
+a pure function of (seed, shard, epoch, position), and a restart is exact. A shard is one of
+the disjoint shares of the split (`dataset.num_shards`, one per process by default).
 """
 import dataclasses
 from typing import Callable, Iterator, Optional
@@ -28,19 +29,19 @@ _BATCH_DRAWS, _EXAMPLE_DRAWS = 0, 1
 class Stream:
   """Where a training stream starts and how it is cut."""
   seed: int
-  process_index: int
-  batch_size: int  # this process's share of the global batch
+  shard: int
+  batch_size: int  # this shard's part of the global batch
   steps_per_epoch: int
   start_step: int
 
 
-def epoch_seed(seed: int, process_index: int, epoch: int) -> int:
-  return int(np.random.SeedSequence([seed % 2**32, process_index, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, shard: int, epoch: int) -> int:
+  return int(np.random.SeedSequence([seed % 2**32, shard, epoch]).generate_state(1)[0])
 
 
-def epoch_order(seed: int, process_index: int, epoch: int, n: int) -> np.ndarray:
-  """The permutation of a share of n examples in `epoch`."""
-  return np.random.RandomState(epoch_seed(seed, process_index, epoch)).permutation(n)
+def epoch_order(seed: int, shard: int, epoch: int, n: int) -> np.ndarray:
+  """The permutation of a shard of n examples in `epoch`."""
+  return np.random.RandomState(epoch_seed(seed, shard, epoch)).permutation(n)
 
 
 def load(records, decode: Optional[Callable] = None):
@@ -61,7 +62,7 @@ def memory_batches(images, labels, stream: Stream, augment: Augment,
   def orders():
     epoch, step = divmod(stream.start_step, stream.steps_per_epoch)
     while True:
-      order = epoch_order(stream.seed, stream.process_index, epoch, len(labels))
+      order = epoch_order(stream.seed, stream.shard, epoch, len(labels))
       for k in range(step, stream.steps_per_epoch):
         yield epoch, k, order[k * b:(k + 1) * b]
       epoch, step = epoch + 1, 0
@@ -94,7 +95,7 @@ def streamed_batches(records: Callable[[int], 'tf.data.Dataset'], stream: Stream
   records, the files read in that seed's order; `decode` decodes their images."""
   epoch, step = divmod(stream.start_step, stream.steps_per_epoch)
   while True:
-    seed = epoch_seed(stream.seed, stream.process_index, epoch)
+    seed = epoch_seed(stream.seed, stream.shard, epoch)
     ds = records(seed).shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
     ds = ds.take(stream.steps_per_epoch * stream.batch_size).enumerate()
     ds = ds.skip(step * stream.batch_size).map(
@@ -146,7 +147,7 @@ def _finish_train(ds, stream: Stream, augment: Augment):
 
 
 def _key(stream: Stream, epoch, draws: int, position):
-  key = tf.constant([stream.seed, stream.process_index], tf.int64)
+  key = tf.constant([stream.seed, stream.shard], tf.int64)
   for data in (epoch, draws, position):
     key = tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64))
   return key

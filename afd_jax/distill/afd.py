@@ -36,9 +36,9 @@ def spatial_energy(f: jax.Array) -> jax.Array:
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """PyTorch's F.normalize: x / max(||x||_2, 1e-12)."""
-  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, 1e-12)
+  """PyTorch's F.normalize: x / max(||x||_2, 1e-12). (The clamp is applied before the square
+  root, which gives the same value and keeps the gradient of an all-zero map finite.)"""
+  return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), 1e-24))
 
 
 def group_by_shape(shapes: Sequence[Tuple[int, int]]) -> Dict[Tuple[int, int], List[int]]:

@@ -1,0 +1,94 @@
+"""Attention transfer (Zagoruyko and Komodakis, ICLR 2017), p = 2, as the CRD benchmark runs it.
+
+For each matched pair of stage-final taps, `at(f) = l2normalize(flatten_hw(mean_c(f ** 2)))`
+and the pair's loss is `mean((at(s) - at(t)) ** 2)` over batch and positions; the loss is the
+sum over pairs. The attention maps are AFD's value maps (`spatial_energy`, `l2_normalize`).
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from afd_jax.distill.afd import l2_normalize, spatial_energy
+from afd_jax.distill.pooling import adaptive_avg_pool2d
+from afd_jax.layers import at_least_f32, check_features
+from afd_jax.models.taps import Tap, stage_final
+
+Pairs = Tuple[Tuple[int, int], ...]
+
+
+def check_inputs(student_features, teacher_features) -> None:
+  """Clear errors for malformed feature lists (shared by the baseline distillers)."""
+  check_features(student_features, 'student_features')
+  check_features(teacher_features, 'teacher_features')
+  if student_features[0].shape[0] != teacher_features[0].shape[0]:
+    raise ValueError(f'student and teacher features have different batch sizes: '
+                     f'{student_features[0].shape[0]} vs {teacher_features[0].shape[0]}.')
+
+
+def check_index(index: int, features: Sequence, what: str) -> None:
+  if not -len(features) <= index < len(features):
+    raise ValueError(f'{what} {index} is out of range for {len(features)} feature maps.')
+
+
+def pool_nhwc(f: jax.Array, hw: Tuple[int, int]) -> jax.Array:
+  """PyTorch's adaptive average pooling of a `B x H x W x C` map to `hw`."""
+  if tuple(f.shape[1:3]) == tuple(hw):
+    return f
+  return jnp.moveaxis(adaptive_avg_pool2d(jnp.moveaxis(f, -1, 1), hw), 1, -1)
+
+
+def attention_map(f: jax.Array) -> jax.Array:
+  """`l2normalize(flatten_hw(mean_c(f ** 2)))`: `B x H x W x C` -> `B x HW` (float32 or wider)."""
+  return l2_normalize(spatial_energy(f).reshape(f.shape[0], -1))
+
+
+def stage_pairs(student_taps: Sequence[Tap], teacher_taps: Sequence[Tap]) -> Pairs:
+  """`(student index, teacher index)` of the stage-final taps of every stage both models have.
+
+  Stage k of the student is matched with stage k of the teacher (`Tap.stage`, `stage_final`).
+  """
+  s_final = {student_taps[i].stage: i for i in stage_final(student_taps)}
+  t_final = {teacher_taps[i].stage: i for i in stage_final(teacher_taps)}
+  common = sorted(set(s_final) & set(t_final))
+  if not common:
+    raise ValueError('student and teacher taps share no stage: '
+                     f'{sorted(s_final)} vs {sorted(t_final)}.')
+  return tuple((s_final[k], t_final[k]) for k in common)
+
+
+class AT(nn.Module):
+  """Attention-transfer loss; no parameters, no state.
+
+  `apply({}, student_features, teacher_features, train)` returns `(loss, per_pair)`: `loss` is
+  the sum over pairs before the feature weight, `per_pair` the pairs' losses (shape `P`).
+  Teacher features are constants. When a pair's maps differ in size, the larger *feature map*
+  (before squaring) is adaptive-average-pooled to the smaller size, as CRD does (CRD compares
+  heights only and pools to a square; here each axis is pooled to the smaller of the two).
+
+  Attributes:
+    pairs: `(student index, teacher index)` into the feature lists; None pairs feature i of
+      the student with feature i of the teacher for every i both lists have.
+  """
+  pairs: Optional[Pairs] = None
+
+  @nn.compact
+  def __call__(self, student_features: Sequence[jax.Array],
+               teacher_features: Sequence[jax.Array], train: bool):
+    del train  # No parameters or statistics.
+    check_inputs(student_features, teacher_features)
+    pairs = self.pairs
+    if pairs is None:
+      pairs = tuple((i, i) for i in range(min(len(student_features), len(teacher_features))))
+    losses: List[jax.Array] = []
+    for s_idx, t_idx in pairs:
+      check_index(s_idx, student_features, 'student index')
+      check_index(t_idx, teacher_features, 'teacher index')
+      f_s = at_least_f32(student_features[s_idx])
+      f_t = jax.lax.stop_gradient(at_least_f32(teacher_features[t_idx]))
+      hw = (min(f_s.shape[1], f_t.shape[1]), min(f_s.shape[2], f_t.shape[2]))
+      a_s, a_t = attention_map(pool_nhwc(f_s, hw)), attention_map(pool_nhwc(f_t, hw))
+      losses.append(jnp.mean(jnp.square(a_s - a_t)))
+    per_pair = jnp.stack(losses)
+    return jnp.sum(per_pair), per_pair

@@ -1,0 +1,50 @@
+"""Each distillation method's loss weights, on top of any config (`set_method`).
+
+Objective: `ce_weight * CE + kd_weight * KD(T) + feature_weight * feature_loss`. Defaults:
+
+| method | CE  | KD (T 4) | feature weight | source                                        |
+|--------|-----|----------|----------------|-----------------------------------------------|
+| none   | 1   | 0        | -              | the student alone                             |
+| kd     | 0.1 | 0.9      | -              | CRD (`-r 0.1 -a 0.9 -b 0`); method 'none'     |
+| fitnet | 1   | 0        | 100            | CRD (`-a 0 -b 100`)                           |
+| at     | 1   | 0        | 1000           | CRD (`-a 0 -b 1000`)                          |
+| sp     | 1   | 0        | 3000           | CRD (`-a 0 -b 3000`)                          |
+| afd    | 1   | 0.9      | 200            | the official AFD recipe (KD 0.9, T 4, beta 200) |
+
+`kd_weight=` adds KD on top of any method (CRD's `-a`; e.g. `set_method(c, 'at', kd_weight=0.9)`
+compares AT with AFD's recipe on equal terms). As a config file:
+  --config=configs/methods.py:at       (base config, AT with CRD's weights)
+  --config=configs/methods.py:at+kd    (the same, plus KD 0.9 at T 4)
+"""
+from afd_jax.distill import DEFAULT_FEATURE_WEIGHT, METHODS
+from configs.base import get_base_config
+
+# (ce_weight, kd_weight) per method; feature weights: afd_jax.distill.DEFAULT_FEATURE_WEIGHT.
+LOGIT_WEIGHTS = {'none': (1.0, 0.0), 'kd': (0.1, 0.9), 'fitnet': (1.0, 0.0), 'at': (1.0, 0.0),
+                 'sp': (1.0, 0.0), 'afd': (1.0, 0.9)}
+KD_TEMPERATURE = 4.0
+CHOICES = tuple(LOGIT_WEIGHTS)
+assert set(METHODS) <= set(CHOICES), 'every feature method needs its logit weights here'
+
+
+def set_method(config, method: str, kd_weight=None):
+  """Sets `config.method` and `config.loss.{ce,kd,feature}_weight` (and `kd_temperature`) to
+  `method`'s defaults (table above); `kd_weight`, when given, replaces the KD weight. Returns
+  `config`."""
+  if method not in CHOICES:
+    raise ValueError(f'Unknown method {method!r}. Known methods: {", ".join(CHOICES)}.')
+  ce, kd = LOGIT_WEIGHTS[method]
+  config.method = 'none' if method == 'kd' else method
+  config.loss.ce_weight = ce
+  config.loss.kd_weight = kd if kd_weight is None else float(kd_weight)
+  config.loss.kd_temperature = KD_TEMPERATURE
+  config.loss.feature_weight = DEFAULT_FEATURE_WEIGHT.get(config.method, 0.0)
+  return config
+
+
+def get_config(arg: str = 'afd'):
+  """The base config with method `arg` (one of CHOICES, optionally `+kd` for KD 0.9 on top)."""
+  method, plus_kd = (arg[:-3], True) if arg.endswith('+kd') else (arg, False)
+  config = set_method(get_base_config(), method, kd_weight=0.9 if plus_kd else None)
+  config.name = arg
+  return config

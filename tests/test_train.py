@@ -1,0 +1,76 @@
+"""The training loop end to end on `digits`: summary, metrics, multi-host equivalence, CLI errors."""
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from afd_jax import checkpoint, train
+from tests import runs
+
+
+def final_state(workdir):
+  variables, meta = checkpoint.restore_raw_variables(workdir)
+  return variables, meta
+
+
+def test_train_and_evaluate_writes_summary_logs_and_checkpoints(digits_data_dir, tmp_path):
+  config = runs.tiny_config(digits_data_dir, num_train_steps=6, eval_every_epochs=1,
+                            plot_attention=True)
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary['status'] == 'finished' and summary['final_step'] == 6
+  assert summary['eval']['count'] == 360  # every test example exactly once
+  assert 0 <= summary['eval']['top1'] <= summary['eval']['top5'] <= 100
+  assert summary['teacher_eval']['count'] == 360
+  assert len(summary['params_sha256']) == 64
+  assert set(summary['train']) >= {'loss', 'ce', 'kd', 'afd', 'top1', 'learning_rate'}
+  assert runs.summary(tmp_path) == summary
+  assert checkpoint.Checkpoints(str(tmp_path), create=False).steps() == [5, 6]
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+  attention = np.load(tmp_path / 'attention' / '00000006.npy')
+  assert attention.shape == (3, 3)
+  np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
+  assert (tmp_path / 'attention.png').stat().st_size > 1000
+  assert (tmp_path / 'config.json').exists()
+
+
+def test_two_processes_equal_one_process(digits_data_dir, tmp_path):
+  """2 processes x 4 fake devices (loopback coordinator, gloo) == 1 process x 8 devices."""
+  overrides = dict(num_train_steps=3, dataset__num_shards=2, checkpoint_every_steps=0)
+  single = train.train_and_evaluate(runs.tiny_config(digits_data_dir, **overrides),
+                                    str(tmp_path / 'single'))
+  assert jax.device_count() == 8
+  cmd = [str(runs.REPO / 'launch' / 'local_multiprocess.sh'), '2', sys.executable, '-m',
+         'afd_jax.main', *runs.flag_args(digits_data_dir, **overrides),
+         f'--workdir={tmp_path / "multi"}']
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=runs.env(),
+                          cwd=runs.REPO)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert '[p0]' in result.stdout and '[p1]' in result.stdout
+  multi = runs.summary(tmp_path / 'multi')
+  for key in ('loss', 'ce', 'kd', 'afd'):
+    np.testing.assert_allclose(multi['train'][key], single['train'][key], rtol=1e-5)
+  a, _ = final_state(str(tmp_path / 'single'))
+  b, _ = final_state(str(tmp_path / 'multi'))
+  diff = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a['params'], b['params'])
+  assert max(jax.tree.leaves(diff)) <= 1e-5
+  assert multi['eval']['count'] == single['eval']['count'] == 360
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--config.studnet.name=resnet8'], 'studnet'),
+    (['--config.student.name=resnet9'], "Unknown model 'resnet9'"),
+    (['--config.dataset.name=no_such_dataset'], 'no_such_dataset'),
+    (['--config.teacher.checkpoint=/nonexistent/teacher'], '/nonexistent/teacher does not exist'),
+    (['--config.method=crd'], "Unknown method 'crd'"),
+    (['--no_such_flag=1'], 'no_such_flag'),
+])
+def test_bad_input_is_one_clear_line(digits_data_dir, tmp_path, extra, message):
+  args = runs.flag_args(digits_data_dir, num_train_steps=1)
+  result = runs.cli(args + extra, workdir=str(tmp_path / 'w'))
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr + result.stdout
+  assert message in result.stderr
+  assert not (tmp_path / 'w' / 'checkpoints').exists()
