@@ -116,3 +116,12 @@ def check_features(features: Sequence[jax.Array], what: str) -> None:
   sizes = {f.shape[0] for f in features}
   if len(sizes) != 1:
     raise ValueError(f'{what} have different batch sizes: {[f.shape[0] for f in features]}.')
+
+
+def check_feature_pair(student_features, teacher_features) -> None:
+  """Clear errors for malformed student/teacher feature lists (every distiller's inputs)."""
+  check_features(student_features, 'student_features')
+  check_features(teacher_features, 'teacher_features')
+  if student_features[0].shape[0] != teacher_features[0].shape[0]:
+    raise ValueError(f'student and teacher features have different batch sizes: '
+                     f'{student_features[0].shape[0]} vs {teacher_features[0].shape[0]}.')

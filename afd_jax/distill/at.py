@@ -12,19 +12,10 @@ import jax.numpy as jnp
 
 from afd_jax.distill.afd import l2_normalize, spatial_energy
 from afd_jax.distill.pooling import adaptive_avg_pool2d
-from afd_jax.layers import at_least_f32, check_features
+from afd_jax.layers import at_least_f32, check_feature_pair
 from afd_jax.models.taps import Tap, stage_final
 
 Pairs = Tuple[Tuple[int, int], ...]
-
-
-def check_inputs(student_features, teacher_features) -> None:
-  """Clear errors for malformed feature lists (shared by the baseline distillers)."""
-  check_features(student_features, 'student_features')
-  check_features(teacher_features, 'teacher_features')
-  if student_features[0].shape[0] != teacher_features[0].shape[0]:
-    raise ValueError(f'student and teacher features have different batch sizes: '
-                     f'{student_features[0].shape[0]} vs {teacher_features[0].shape[0]}.')
 
 
 def check_index(index: int, features: Sequence, what: str) -> None:
@@ -77,7 +68,7 @@ class AT(nn.Module):
   def __call__(self, student_features: Sequence[jax.Array],
                teacher_features: Sequence[jax.Array], train: bool):
     del train  # No parameters or statistics.
-    check_inputs(student_features, teacher_features)
+    check_feature_pair(student_features, teacher_features)
     pairs = self.pairs
     if pairs is None:
       pairs = tuple((i, i) for i in range(min(len(student_features), len(teacher_features))))

@@ -10,8 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from afd_jax.distill.at import check_index, check_inputs, pool_nhwc
-from afd_jax.layers import BatchNorm, at_least_f32, conv, linear_kernel_init
+from afd_jax.distill.at import check_index, pool_nhwc
+from afd_jax.layers import BatchNorm, at_least_f32, check_feature_pair, conv, linear_kernel_init
 from afd_jax.models.taps import Tap, stage_final
 
 
@@ -63,7 +63,7 @@ class FitNet(nn.Module):
   @nn.compact
   def __call__(self, student_features: Sequence[jax.Array],
                teacher_features: Sequence[jax.Array], train: bool):
-    check_inputs(student_features, teacher_features)
+    check_feature_pair(student_features, teacher_features)
     check_index(self.student_tap, student_features, 'student_tap')
     check_index(self.teacher_tap, teacher_features, 'teacher_tap')
     f_t = jax.lax.stop_gradient(at_least_f32(teacher_features[self.teacher_tap]))

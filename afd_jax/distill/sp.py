@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from afd_jax.distill.afd import l2_normalize
-from afd_jax.distill.at import check_index, check_inputs
-from afd_jax.layers import at_least_f32
+from afd_jax.distill.at import check_index
+from afd_jax.layers import at_least_f32, check_feature_pair
 
 
 def similarity(f: jax.Array) -> jax.Array:
@@ -39,7 +39,7 @@ class SP(nn.Module):
   def __call__(self, student_features: Sequence[jax.Array],
                teacher_features: Sequence[jax.Array], train: bool):
     del train  # No parameters or statistics.
-    check_inputs(student_features, teacher_features)
+    check_feature_pair(student_features, teacher_features)
     check_index(self.student_tap, student_features, 'student_tap')
     check_index(self.teacher_tap, teacher_features, 'teacher_tap')
     g_s = similarity(student_features[self.student_tap])

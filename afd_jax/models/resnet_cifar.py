@@ -1,6 +1,7 @@
 """CIFAR ResNets of the CRD benchmark (`resnet8` ... `resnet110`, `resnet8x4`, `resnet32x4`).
 
-Three stages of basic blocks (depth = 6n + 2) on a 3x3 stem. Taps: the ReLU of every block's
+Three stages of basic blocks (depth = 6n + 2; the block of resnet.py: a 1x1 conv + BN shortcut
+when the shape changes) on a 3x3 stem. Taps: the ReLU of every block's
 output; with `tap_every=2` (resnet110) every second block, as the official AFD code does.
 """
 from typing import Any, Optional, Sequence, Tuple
@@ -10,26 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from afd_jax.layers import BatchNorm, conv, linear, spatial_mean
+from afd_jax.models.resnet import BasicBlock
 from afd_jax.models.taps import Tap
-
-
-class CifarBlock(nn.Module):
-  """Basic block; the 1x1 conv + BN shortcut appears when the shape changes."""
-  planes: int
-  stride: int
-  dtype: Optional[Any] = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    out = conv(self.planes, 3, self.stride, dtype=self.dtype, name='conv1')(x)
-    out = nn.relu(BatchNorm(dtype=self.dtype, name='bn1')(out, train))
-    out = conv(self.planes, 3, dtype=self.dtype, name='conv2')(out)
-    out = BatchNorm(dtype=self.dtype, name='bn2')(out, train)
-    if self.stride != 1 or x.shape[-1] != self.planes:
-      x = conv(self.planes, 1, self.stride, padding=0, dtype=self.dtype,
-               name='downsample_conv')(x)
-      x = BatchNorm(dtype=self.dtype, name='downsample_bn')(x, train)
-    return nn.relu(out + x)
 
 
 class CifarResNet(nn.Module):
@@ -57,7 +40,7 @@ class CifarResNet(nn.Module):
     for s in range(3):
       for i in range(self.blocks_per_stage):
         stride = 2 if s > 0 and i == 0 else 1
-        x = CifarBlock(self.widths[s + 1], stride, self.dtype, name=f'layer{s + 1}_{i}')(x, train)
+        x = BasicBlock(self.widths[s + 1], stride, self.dtype, name=f'layer{s + 1}_{i}')(x, train)
         j += 1
         if j % self.tap_every == 0:
           features.append(x)
