@@ -82,7 +82,14 @@ def afd8():
 
 
 def test_eight_devices_equal_one_device(batches, afd8):
+  """Same three steps on 1 and 8 devices. Only float32 summation order may differ (per-shard
+  partial sums of the batch statistics and gradients), so each parameter must agree to 1e-4 of
+  how far the three steps moved it (+1e-6 for leaves whose exact gradient is zero, e.g. biases
+  followed by batch norm). A real sharding bug (local instead of global batch statistics, a
+  gradient or loss off by the device count) moves parameters by a sizeable fraction of that."""
   task, mesh8, train_step8 = afd8
+  init, _ = setup(task, mesh_of(1))
+  init = jax.device_get(init.params)
   s1, _, h1, _ = run(task, mesh_of(1), batches)
   s8, _, h8, _ = run(task, mesh8, batches, train_step8)
   assert len(jax.devices()) == 8
@@ -90,8 +97,12 @@ def test_eight_devices_equal_one_device(batches, afd8):
     for k in ('loss', 'ce', 'kd', 'afd'):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
   max_diff = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max())
-  # Parameters (student and meta-network): max abs difference <= 1e-5 after 3 steps.
-  assert max(jax.tree.leaves(jax.tree.map(max_diff, s1.params, s8.params))) <= 1e-5
+  diff = jax.tree.map(max_diff, s1.params, s8.params)
+  moved = jax.tree.map(max_diff, s1.params, init)
+  excess = jax.tree.map(lambda d, m: d - (1e-4 * m + 1e-6), diff, moved)
+  worst = max(jax.tree_util.tree_leaves_with_path(excess), key=lambda kv: kv[1])
+  assert worst[1] <= 0, (jax.tree_util.keystr(worst[0]), worst[1])
+  assert max(jax.tree.leaves(moved)) > 0.1  # the steps did move the parameters
   # Running statistics (variances reach ~4 here): relative to their magnitude.
   rel = jax.tree.map(lambda a, b: max_diff(a, b) / max(float(np.abs(a).max()), 1.0),
                      s1.batch_stats, s8.batch_stats)

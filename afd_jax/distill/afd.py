@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from afd_jax.distill.pooling import adaptive_avg_pool2d
-from afd_jax.layers import BatchNorm, at_least_f32, check_features, linear, spatial_mean, xavier_normal
+from afd_jax.layers import (BatchNorm, at_least_f32, check_feature_pair, linear, linear_bias_init,
+                            linear_kernel_init, spatial_mean, xavier_normal)
 
 
 class LinearBN(nn.Module):
@@ -27,6 +28,73 @@ class LinearBN(nn.Module):
     x = linear(self.features, x.shape[-1], name='linear')(x)
     x = BatchNorm(name='bn')(x, train)
     return nn.relu(x) if self.relu else x
+
+
+class _LinearParams(nn.Module):
+  """The parameters of an nn.Linear (PyTorch init), for code that uses them other than x W + b."""
+  features: int
+
+  @nn.compact
+  def __call__(self, fan_in: int):
+    kernel = self.param('kernel', linear_kernel_init, (fan_in, self.features), jnp.float32)
+    bias = self.param('bias', linear_bias_init(fan_in), (self.features,), jnp.float32)
+    return kernel, bias
+
+
+class _BatchNormParams(nn.Module):
+  """The parameters and running statistics of a BatchNorm (as `afd_jax.layers.BatchNorm`)."""
+  features: int
+
+  @nn.compact
+  def __call__(self):
+    scale = self.param('scale', nn.initializers.ones, (self.features,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    mean = self.variable('batch_stats', 'mean', jnp.zeros, (self.features,), jnp.float32)
+    var = self.variable('batch_stats', 'var', jnp.ones, (self.features,), jnp.float32)
+    return scale, bias, mean, var
+
+
+class BilinearLogits(nn.Module):
+  """`<BN(Linear(key_m))[n], query_n>` for every (teacher n, student m): the official
+  `bilinear` nn_bn_relu (Linear d -> T*d, BatchNorm over the B*S rows, no ReLU) contracted
+  with the queries, without materialising its `B x S x T x d` output.
+
+  With z = k W + c and batch statistics, BN(z) = scale * (k - mean_k) W + beta, where the
+  variance of column j is w_j' Cov(k) w_j; so the query is pushed through W instead
+  (`B x T x d x d` work rather than `B x S x T x d x d`). Same parameters, same running
+  statistics (PyTorch's momentum, unbiased variance), same values up to rounding.
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, key: jax.Array, query: jax.Array, train: bool) -> jax.Array:
+    batch, s, d = key.shape
+    t = query.shape[1]
+    kernel, bias = _LinearParams(t * d, name='linear')(d)
+    gamma, beta, running_mean, running_var = _BatchNormParams(t * d, name='bn')()
+    if train:
+      rows = key.reshape(batch * s, d)
+      key_mean = jnp.mean(rows, axis=0)
+      centred = rows - key_mean
+      covariance = centred.T @ centred / rows.shape[0]
+      mean = key_mean @ kernel + bias
+      var = jnp.sum(kernel * (covariance @ kernel), axis=0)
+      if not self.is_initializing():
+        n, m = rows.shape[0], self.momentum
+        running_mean.value = (1 - m) * running_mean.value + m * jax.lax.stop_gradient(mean)
+        running_var.value = (1 - m) * running_var.value + m * jax.lax.stop_gradient(
+            var * n / max(n - 1, 1))
+      inputs, offset = centred.reshape(batch, s, d), jnp.zeros((t, d), key.dtype)
+    else:
+      mean, var = running_mean.value, running_var.value
+      inputs, offset = key, (bias - mean).reshape(t, d)
+    scale = (gamma * jax.lax.rsqrt(var + self.epsilon)).reshape(t, d)
+    weighted_query = scale * query                                         # B x T x d
+    pushed = jnp.einsum('inj,bnj->bni', kernel.reshape(d, t, d), weighted_query)
+    constant = (jnp.einsum('bnj,nj->bn', weighted_query, offset) +
+                jnp.einsum('bnj,nj->bn', query, beta.reshape(t, d)))
+    return jnp.einsum('bmi,bni->bnm', inputs, pushed) + constant[:, :, None]
 
 
 def spatial_energy(f: jax.Array) -> jax.Array:
@@ -70,7 +138,9 @@ def pair_distances(student_features: Sequence[jax.Array],
     v_t = l2_normalize(v_t)                                             # B x T_g x P
     pooled = jnp.concatenate([adaptive_avg_pool2d(x, (h, w)) for x in s_stacks.values()], 1)
     v_s = l2_normalize(pooled[:, jnp.array(s_restore)].reshape(batch, -1, h * w))  # B x S x P
-    blocks.append(jnp.mean(jnp.square(v_s[:, None] - v_t[:, :, None]), axis=-1))   # B x T_g x S
+    # The difference itself, not |v_s|^2 + |v_t|^2 - 2 v_s.v_t: that cancels badly when the
+    # maps are close, which is where training takes them.
+    blocks.append(jnp.mean(jnp.square(v_s[:, None] - v_t[:, :, None]), axis=-1))  # B x T_g x S
     t_order += t_idx
   distances = jnp.concatenate(blocks, axis=1)
   t_restore = [t_order.index(n) for n in range(len(teacher_features))]
@@ -90,11 +160,7 @@ class AFD(nn.Module):
   @nn.compact
   def __call__(self, student_features: Sequence[jax.Array],
                teacher_features: Sequence[jax.Array], train: bool):
-    check_features(student_features, 'student_features')
-    check_features(teacher_features, 'teacher_features')
-    if student_features[0].shape[0] != teacher_features[0].shape[0]:
-      raise ValueError(f'student and teacher features have different batch sizes: '
-                       f'{student_features[0].shape[0]} vs {teacher_features[0].shape[0]}.')
+    check_feature_pair(student_features, teacher_features)
     teacher_features = [jax.lax.stop_gradient(f) for f in teacher_features]
     t, s, d = len(teacher_features), len(student_features), self.qk_dim
     batch = student_features[0].shape[0]
@@ -103,11 +169,10 @@ class AFD(nn.Module):
                        for n, f in enumerate(teacher_features)], 1)           # B x T x d
     key = jnp.stack([LinearBN(d, relu=True, name=f'key_{m}')(spatial_mean(f), train)
                      for m, f in enumerate(student_features)], 1)             # B x S x d
-    bilinear = LinearBN(t * d, relu=False, name='bilinear')(key.reshape(batch * s, d), train)
-    bilinear = bilinear.reshape(batch, s, t, d)
+    bilinear = BilinearLogits(name='bilinear')(key, query, train)              # B x T x S
     p_t = self.param('p_t', xavier_normal, (t, d), jnp.float32)
     p_s = self.param('p_s', xavier_normal, (s, d), jnp.float32)
-    logits = (jnp.einsum('bmnd,bnd->bnm', bilinear, query) + p_t @ p_s.T) / math.sqrt(d)
+    logits = (bilinear + p_t @ p_s.T) / math.sqrt(d)
     attention = jax.nn.softmax(logits, axis=-1)                               # B x T x S
 
     distances = pair_distances(student_features, teacher_features)           # B x T x S
