@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from sklearn.datasets import load_digits
 
-from afd_jax.data.builders.png import encode_pngs
+from afd_jax.data.builders.png import classification_info, encode_pngs
 
 NUM_TRAIN = 1437
 NUM_TEST = 360
@@ -38,15 +38,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {'1.0.0': 'Seeded 1,437 / 360 split of sklearn.datasets.load_digits.'}
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(8, 8, 1)),
-            'label': tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=('image', 'label'),
-    )
+    return classification_info(self, (8, 8, 1), 10, __doc__)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.

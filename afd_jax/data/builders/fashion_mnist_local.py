@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from afd_jax.data.builders.png import encode_pngs
+from afd_jax.data.builders.png import classification_info, encode_pngs
 from afd_jax.errors import UserError
 
 DEFAULT_DIR = '/usr/share/datasets/fashion-mnist'
@@ -59,15 +59,7 @@ class FashionMnistLocal(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(28, 28, 1)),
-            'label': tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=('image', 'label'),
-    )
+    return classification_info(self, (28, 28, 1), 10, __doc__)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # Nothing to download.
