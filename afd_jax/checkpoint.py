@@ -156,7 +156,6 @@ def load_teacher(config, model, num_classes: int, image_shape) -> Dict[str, Any]
   Validates the model name, class count and every shape before training starts.
   """
   path = config.teacher.checkpoint
-  name = config.teacher.name
   if path == 'random':  # Tests and benchmarks only: an untrained teacher.
     _warn('teacher.checkpoint=random: distilling from an untrained teacher.')
     images = jax.numpy.zeros((2,) + tuple(image_shape))
@@ -164,31 +163,42 @@ def load_teacher(config, model, num_classes: int, image_shape) -> Dict[str, Any]
   if not path:
     raise UserError(f'method {config.method!r} needs a teacher: set config.teacher.checkpoint to '
                     'a workdir of a teacher run or a PyTorch .pth file.')
-  if not os.path.exists(path):
-    raise UserError(f'teacher checkpoint {path} does not exist.')
-  if os.path.isdir(path):
+  return load_model_variables(path, config.teacher.name, model, num_classes, image_shape,
+                              'teacher checkpoint')
+
+
+def load_model_variables(path: str, name: str, model, num_classes: int, image_shape, what: str,
+                         new_head_ok: bool = False) -> Dict[str, Any]:
+  """Variables of model `name` from our workdir or a .pth, checked against `model`'s shapes.
+
+  With `new_head_ok`, a classifier (`fc`) of another class count is replaced by a fresh one
+  (transfer learning); otherwise it is an error.
+  """
+  if not epath.Path(path).exists():
+    raise UserError(f'{what} {path} does not exist.')
+  if epath.Path(path).is_dir():
     if not has_checkpoints(path):
-      raise UserError(f'teacher checkpoint {path} is a folder without checkpoints '
+      raise UserError(f'{what} {path} is a folder without checkpoints '
                       f'(expected {os.path.join(path, CHECKPOINTS)}/<step>).')
     variables, meta = restore_raw_variables(path)
     saved = meta.get('fingerprint', {})
     if saved.get('student.name', name) != name:
-      raise UserError(f'teacher checkpoint {path} holds a {saved["student.name"]!r} model, '
-                      f'config.teacher.name is {name!r}.')
+      raise UserError(f'{what} {path} holds a {saved["student.name"]!r} model, not {name!r}.')
   else:
     from afd_jax.interop import torch as torch_interop  # pylint: disable=g-import-not-at-top
     try:
       variables = torch_interop.load(name, path)
     except (ValueError, ImportError, RuntimeError, OSError) as e:
-      raise UserError(f'teacher checkpoint {path}: {e}') from e
+      raise UserError(f'{what} {path}: {e}') from e
   images = jax.numpy.zeros((2,) + tuple(image_shape))
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
+  fresh = jax.jit(lambda k: model.init(k, images, train=False))(jax.random.PRNGKey(0))
   head = np.shape(variables.get('params', {}).get('fc', {}).get('kernel', ()))
   if len(head) == 2 and head[1] != num_classes:
-    raise UserError(f'teacher checkpoint {path} has {head[1]} classes, the dataset has '
-                    f'{num_classes}.')
-  check_shapes(variables, abstract, f'teacher checkpoint {path} ({name}, {num_classes} classes)')
-  return jax.tree.map(lambda x, a: np.asarray(x, a.dtype), variables, abstract)
+    if not new_head_ok:
+      raise UserError(f'{what} {path} has {head[1]} classes, the dataset has {num_classes}.')
+    variables = {**variables, 'params': {**variables['params'], 'fc': fresh['params']['fc']}}
+  check_shapes(variables, fresh, f'{what} {path} ({name}, {num_classes} classes)')
+  return jax.tree.map(lambda x, a: np.asarray(x, a.dtype), variables, fresh)
 
 
 def check_shapes(variables, abstract, what: str) -> None:
@@ -207,10 +217,10 @@ def check_shapes(variables, abstract, what: str) -> None:
 
 
 def write_json(path, payload) -> None:
-  """Atomically writes JSON (process 0 only)."""
+  """Writes JSON via a temporary file and a rename (process 0 only; local or GCS paths)."""
   if jax.process_index() != 0:
     return
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(payload, f, indent=2, sort_keys=True, default=float)
-  os.replace(tmp, path)
+  path = epath.Path(path)
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
+  tmp.replace(path)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from afd_jax import checkpoint, data, distill, metrics, models, sharding, step
@@ -42,7 +43,8 @@ def validate(config) -> None:
   """Checks the settings that need no data or devices; one clear message on the first problem."""
   if config.method not in distill.METHODS:
     raise UserError(f'Unknown method {config.method!r}. Known methods: {", ".join(distill.METHODS)}.')
-  names = [config.student.name] + ([config.teacher.name] if step.is_distillation(config) else [])
+  distil = step.is_distillation(config)
+  names = [config.student.name] + ([config.teacher.name] if distil else [])
   for name in names:
     if name not in models.names():
       raise UserError(f'Unknown model {name!r}. Known models: {", ".join(models.names())}.')
@@ -53,6 +55,10 @@ def validate(config) -> None:
       raise UserError(f'{key} must be positive, got {config[key]}.')
   if config.num_epochs <= 0 and config.num_train_steps <= 0:
     raise UserError('set num_epochs (or num_train_steps) to a positive number.')
+  for key, path in (('student.init_checkpoint', config.student.init_checkpoint),
+                    ('teacher.checkpoint', config.teacher.checkpoint if distil else '')):
+    if path and path != 'random' and not epath.Path(path).exists():
+      raise UserError(f'{key} {path} does not exist.')
 
 
 class PreemptionWatch:
@@ -130,7 +136,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     teacher_vars = jax.device_put(
         checkpoint.load_teacher(config, teacher, info.num_classes, info.image_shape), rep)
 
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints, config.keep_best)
   init_fn = step.jit_init_state(task, mesh, info.image_shape,
                                 jax.eval_shape(lambda: teacher_vars) if distil else None)
@@ -148,6 +154,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     writer.console(f'resumed from {source} at step {int(state.step)}')
   else:
     state = init_fn(rng)
+    if config.student.init_checkpoint:
+      initial = checkpoint.load_model_variables(
+          config.student.init_checkpoint, config.student.name, student, info.num_classes,
+          info.image_shape, 'student.init_checkpoint', new_head_ok=True)
+      state = state.replace(
+          params={**state.params, 'student': jax.device_put(initial['params'], rep)},
+          batch_stats={**state.batch_stats,
+                       'student': jax.device_put(initial['batch_stats'], rep)})
+      writer.console(f'student initialised from {config.student.init_checkpoint}')
   start_step = int(state.step)
   checkpoint.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
@@ -228,6 +243,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         status = 'preempted'
         writer.console(f'preemption notice: saved step {done}; rerun the same command to resume.')
         break
+    if status == 'finished' and eval_metrics is None:  # resumed at the end: evaluate once
+      eval_metrics = evaluate(eval_student, {'params': state.params['student'],
+                                             'batch_stats': state.batch_stats['student']},
+                              config, info, mesh)
   finally:
     train_iter = None  # Close the input pipeline now, not at interpreter exit.
     watch.close()
@@ -251,9 +270,10 @@ def save_attention(workdir, step_count, mean_attention, student, teacher, config
   """Writes the mean attention (teacher layers x student layers) and, if enabled, its plot."""
   if jax.process_index() != 0:
     return
-  folder = os.path.join(workdir, 'attention')
-  os.makedirs(folder, exist_ok=True)
-  np.save(os.path.join(folder, f'{step_count:08d}.npy'), mean_attention)
+  folder = epath.Path(workdir) / 'attention'
+  folder.mkdir(parents=True, exist_ok=True)
+  with (folder / f'{step_count:08d}.npy').open('wb') as f:
+    np.save(f, mean_attention)
   logging.info('mean attention at step %d (T x S):\n%s', step_count,
                np.array2string(mean_attention, precision=2, max_line_width=200))
   if config.plot_attention:

@@ -1,8 +1,9 @@
 """Attention-link heatmaps: mean attention, teacher layers (rows) x student layers (columns)."""
-import os
+import io
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
 
 def plot_attention(attention: np.ndarray, teacher_labels: Sequence[str],
@@ -23,8 +24,11 @@ def plot_attention(attention: np.ndarray, teacher_labels: Sequence[str],
     ax.set_title(title, fontsize=9)
   fig.colorbar(image, ax=ax, fraction=0.05, label='mean attention')
   fig.tight_layout()
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=120)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=120)
   plt.close(fig)
-  os.replace(tmp, path)
+  out = epath.Path(path)  # local or GCS
+  tmp = out.with_name(out.name + '.tmp')
+  tmp.write_bytes(buffer.getvalue())
+  tmp.replace(out)
   return path

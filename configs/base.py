@@ -2,7 +2,20 @@
 
 Field names are stable: scripts and docs rely on them.
 """
+from typing import Dict
+
 import ml_collections
+
+
+def parse_arg(arg: str, defaults: Dict[str, str], file: str) -> Dict[str, str]:
+  """`'k=v,k=v'` (the part after `file.py:`) over `defaults`; unknown keys are an error."""
+  values = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep or key not in defaults:
+      raise ValueError(f'{file} takes {",".join(f"{k}=..." for k in defaults)}; got {item!r}.')
+    values[key] = value
+  return values
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -36,6 +49,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.student = ml_collections.ConfigDict()
   c.student.name = 'wrn16x2'
+  c.student.init_checkpoint = ''  # start from these weights (our workdir or a .pth); a classifier
+                                 # of another class count is re-initialised (transfer learning)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.ce_weight = 1.0
