@@ -70,6 +70,7 @@ class Case:
           lambda k: self.task.teacher.init(k, images, train=False))(jax.random.PRNGKey(1)), rep)
     init = step.jit_init_state(self.task, mesh, shape, jax.eval_shape(lambda: self.teacher_vars)
                                if self.teacher_vars is not None else None)
+    self.init = init
     self.state = init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     self.batch = sharding.global_batch(
@@ -81,6 +82,11 @@ class Case:
     self.compile_seconds = time.perf_counter() - start
     self.flops = flops_of(self.compiled)
     self.times: List[float] = []
+
+  def first_step_metrics(self):
+    """Loss terms of one step from the initial state (for the bf16-vs-f32 comparison)."""
+    _, metrics = self.compiled(self.init(jax.random.PRNGKey(0)), self.teacher_vars, self.batch)
+    return {k: float(v) for k, v in jax.device_get(metrics).items() if jnp.ndim(v) == 0}
 
   def run(self, steps: int, record: bool) -> None:
     for _ in range(steps):
@@ -116,7 +122,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--teacher', default='wrn40x2', choices=models.names())
   parser.add_argument('--student', default='wrn16x2', choices=models.names())
-  parser.add_argument('--method', default='all', choices=METHODS + ('all',))
+  parser.add_argument('--method', default='all',
+                      help=f'all (= ce,kd,afd) or a comma-separated list of {",".join(METHODS)}')
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--steps', type=int, default=30, help='timed steps per method')
@@ -127,11 +134,16 @@ def main(argv=None) -> int:
   parser.add_argument('--num-classes', type=int, default=100)
   parser.add_argument('--qk-dim', type=int, default=128)
   parser.add_argument('--json', action='store_true', help='print one JSON object')
+  parser.add_argument('--compare-dtypes', action='store_true',
+                      help='also report the first step\'s loss terms in bfloat16 vs float32')
   args = parser.parse_args(argv)
   mesh = sharding.make_mesh((-1, 1))
   if args.batch % mesh.shape[sharding.DATA]:
     parser.error(f'--batch {args.batch} must divide by the {mesh.shape[sharding.DATA]} devices')
-  methods = ('ce', 'kd', 'afd') if args.method == 'all' else (args.method,)
+  methods = ('ce', 'kd', 'afd') if args.method == 'all' else tuple(args.method.split(','))
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    parser.error(f'unknown method(s) {unknown}; choose from all, {", ".join(METHODS)}')
   cases = [Case(m, args, mesh) for m in methods]
   for case in cases:
     case.run(args.warmup, record=False)
@@ -141,6 +153,14 @@ def main(argv=None) -> int:
     for case in cases:
       case.run(n, record=True)
   results = [summarize(c, args.batch) for c in cases]
+  if args.compare_dtypes:
+    other = 'bfloat16' if args.dtype == 'float32' else 'float32'
+    for case, result in zip(cases, results):
+      twin = Case(case.method, argparse.Namespace(**{**vars(args), 'dtype': other}), mesh)
+      a, b = case.first_step_metrics(), twin.first_step_metrics()
+      result[f'first_step_vs_{other}'] = {
+          k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in ('loss', 'ce', 'kd', 'afd',
+                                                                 'fitnet', 'at', 'sp') if k in a}
   report = {'device': f'{jax.devices()[0].device_kind} x {jax.device_count()}',
             'backend': jax.default_backend(), 'teacher': args.teacher, 'student': args.student,
             'batch': args.batch, 'dtype': args.dtype, 'image_size': args.image_size,
@@ -166,6 +186,12 @@ def main(argv=None) -> int:
   for key in [f'{m}_over_kd' for m in FEATURE_METHODS] + ['kd_over_ce']:
     if key in report:
       print(f'{key.replace("_over_", "/")}: {report[key]:.3f}')
+  for r in results:
+    for key, diffs in r.items():
+      if key.startswith('first_step_vs_'):
+        print(f'{r["method"]}: relative difference of the first step\'s loss terms, {args.dtype} '
+              f'vs {key[len("first_step_vs_"):]}: '
+              + ', '.join(f'{k} {v:.2e}' for k, v in diffs.items()))
   return 0
 
 
