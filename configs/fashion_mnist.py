@@ -1,0 +1,46 @@
+"""A real small study on this kind of machine: Fashion-MNIST (Debian's dataset-fashion-mnist, read
+offline by the `fashion_mnist_local` builder), teacher resnet20 -> student resnet8.
+
+Args: method (teacher | none | kd | fitnet | at | afd), seed. `teacher` trains resnet20 alone,
+`none` trains resnet8 alone; the rest distil the teacher of the same seed into resnet8 with the
+CRD benchmark's loss weights (configs/methods.py: KD = CE 0.1 + KD 0.9; FitNet 100; AT 1000;
+AFD = CE + KD 0.9 + 200 L_AFD, the official recipe). Shortened schedule so that the 18 runs (6
+methods x 3 seeds) fit in about 1.5 hours of a 2-core CPU: a fixed 10,000-image training subset
+(the first 10,000 of the split), 10 epochs, batch 128, SGD 0.1 with cosine decay, weight decay
+5e-4, crop (2-pixel padding) + flip. Eval: the full 10,000-image test split, last epoch.
+
+  python -m afd_jax.main --config=configs/fashion_mnist.py:method=afd,seed=0 \\
+      --config.teacher.checkpoint=workdirs/fashion_mnist/teacher-s0 \\
+      --workdir=workdirs/fashion_mnist/afd-s0
+The whole study (runs or resumes everything, writes docs/results/fashion_mnist.md):
+  .venv/bin/python launch/fashion_mnist_study.py
+"""
+from afd_jax.data import stats
+from configs import methods
+from configs.base import parse_arg
+
+METHODS = ('teacher', 'none', 'kd', 'fitnet', 'at', 'afd')
+DEFAULTS = {'method': 'afd', 'seed': '0'}
+TEACHER, STUDENT = 'resnet20', 'resnet8'
+
+
+def get_config(arg: str = ''):
+  a = parse_arg(arg, DEFAULTS, 'fashion_mnist.py')
+  if a['method'] not in METHODS:
+    raise ValueError(f'fashion_mnist.py: method must be one of {", ".join(METHODS)}, '
+                     f'got {a["method"]!r}.')
+  c = methods.get_config('none' if a['method'] == 'teacher' else a['method'])
+  c.name = f'fashion_mnist-{a["method"]}-s{a["seed"]}'
+  c.seed = int(a['seed'])
+  c.dataset.name = 'fashion_mnist_local'
+  c.dataset.mean, c.dataset.std = stats.FASHION_MNIST_MEAN, stats.FASHION_MNIST_STD
+  c.dataset.crop_padding = 2
+  c.dataset.train_subset = 10000
+  c.teacher.name = TEACHER
+  c.student.name = TEACHER if a['method'] == 'teacher' else STUDENT
+  c.num_epochs, c.batch_size, c.eval_batch_size = 10, 128, 1000
+  c.optimizer.learning_rate, c.optimizer.weight_decay = 0.1, 5e-4
+  c.optimizer.schedule = 'cosine'
+  c.log_every_steps = 100
+  c.keep_checkpoints = 2
+  return c
