@@ -1,0 +1,119 @@
+"""Redraw the attention-link heatmap of an AFD run.
+
+  python -m afd_jax.visualize --workdir=DIR [--from_checkpoint] [--out=PATH]
+
+By default it draws the mean attention saved at the run's last eval (DIR/attention/*.npy).
+With --from_checkpoint it recomputes it: the latest checkpoint's student and meta-network
+(inference mode) and the run's teacher, averaged over the whole eval split. Writes
+DIR/attention.png (or --out) and prints the strongest link of every teacher layer.
+"""
+import glob
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from afd_jax import checkpoint, data, sharding, step, train, viz
+from afd_jax.errors import UserError
+
+
+
+def define_flags():
+  """The CLI's flags (defined only when run as a program, so the module imports as a library)."""
+  flags.DEFINE_string('workdir', None, 'Workdir of an AFD run.')
+  flags.DEFINE_bool('from_checkpoint', False,
+                    'Recompute over the eval split from the latest checkpoint.')
+  flags.DEFINE_string('out', '', 'Output PNG (default: WORKDIR/attention.png).')
+  flags.mark_flag_as_required('workdir')
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise UserError(f'{path} not found: is {workdir} the workdir of a run?')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.method != 'afd':
+    raise UserError(f'{workdir} is a {config.method!r} run; attention exists for method afd only.')
+  return config
+
+
+def saved_attention(workdir: str):
+  files = sorted(glob.glob(os.path.join(workdir, 'attention', '*.npy')))
+  if not files:
+    raise UserError(f'no saved attention in {workdir}/attention (the run has not reached an '
+                    'eval yet); use --from_checkpoint.')
+  return np.load(files[-1]), int(os.path.basename(files[-1])[:-4])
+
+
+def checkpoint_attention(workdir: str, config):
+  """Mean attention over the eval split, from the latest checkpoint (inference mode)."""
+  mesh = sharding.make_mesh(config.mesh_shape)
+  info = data.dataset_info(config, process_count=jax.process_count())
+  task = step.task_from_config(config, info.num_classes, 1, train.DTYPES[config.dtype])
+  teacher_vars = checkpoint.load_teacher(config, task.teacher, info.num_classes, info.image_shape)
+  rep = sharding.replicated(mesh)
+  init = step.jit_init_state(task, mesh, info.image_shape, jax.eval_shape(lambda: teacher_vars))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                          jax.eval_shape(init, jax.random.PRNGKey(0)))
+  restored = checkpoint.Checkpoints(workdir, create=False).restore_latest(abstract)
+  if restored is None:
+    raise UserError(f'no readable checkpoint in {workdir}/checkpoints.')
+  state = restored[0]
+
+  @jax.jit
+  def attention_sum(state, teacher_vars, batch):
+    _, t_feats = task.teacher.apply(teacher_vars, batch['image'], train=False)
+    _, s_feats = task.student.apply({'params': state.params['student'],
+                                     'batch_stats': state.batch_stats['student']},
+                                    batch['image'], train=False)
+    _, attention = task.distiller.apply({'params': state.params['distiller'],
+                                         'batch_stats': state.batch_stats['distiller']},
+                                        s_feats, t_feats, train=False)
+    return jnp.einsum('b,bts->ts', batch['mask'], attention), jnp.sum(batch['mask'])
+
+  total, count = 0.0, 0.0
+  teacher_vars = jax.device_put(teacher_vars, rep)
+  for batch in data.eval_iterator(config, info, process_index=jax.process_index(),
+                                  process_count=jax.process_count()):
+    s, n = attention_sum(state, teacher_vars, sharding.global_batch(batch, mesh))
+    total, count = total + s, count + n
+  return np.asarray(total / count), int(state.step), task
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  workdir = flags.FLAGS.workdir
+  try:
+    config = load_config(workdir)
+    task = step.task_from_config(config, 1, 1)
+    if flags.FLAGS.from_checkpoint:
+      attention, step_count, task = checkpoint_attention(workdir, config)
+      source = f'checkpoint at step {step_count}, eval split'
+    else:
+      attention, step_count = saved_attention(workdir)
+      source = f'saved at step {step_count}'
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  t_names = [t.name for t in task.teacher.taps()]
+  s_names = [t.name for t in task.student.taps()]
+  out = flags.FLAGS.out or os.path.join(workdir, 'attention.png')
+  viz.plot_attention(attention, t_names, s_names, out,
+                     title=f'{config.teacher.name} -> {config.student.name} ({source})')
+  print(f'{out}: mean attention, {len(t_names)} teacher x {len(s_names)} student layers '
+        f'({source})')
+  for n, row in enumerate(attention):
+    print(f'  {t_names[n]:>16s} -> {s_names[int(np.argmax(row))]:<12s} {row.max():.3f}')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)
