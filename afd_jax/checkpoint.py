@@ -47,12 +47,17 @@ def _warn(message: str) -> None:
     logging.warning(message)
 
 
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """`workdir/checkpoints`, absolute (Orbax refuses relative paths); `gs://...` kept as is."""
+  return epath.Path(workdir if '://' in str(workdir) else os.path.abspath(workdir)) / CHECKPOINTS
+
+
 class Checkpoints:
   """An Orbax CheckpointManager under `workdir/checkpoints` holding `state` and `meta` items."""
 
   def __init__(self, workdir: str, keep: int = 3, keep_best: bool = True,
                async_save: bool = True, create: bool = True):
-    self.directory = epath.Path(workdir) / CHECKPOINTS
+    self.directory = checkpoint_dir(workdir)
     policies = [ocp.checkpoint_managers.LatestN(max(keep, 1))]
     if keep_best:
       policies.append(ocp.checkpoint_managers.BestN(
@@ -124,7 +129,7 @@ def check_compatible(meta: Optional[Dict[str, Any]], expected: Dict[str, Any], w
 
 
 def has_checkpoints(workdir: str) -> bool:
-  path = epath.Path(workdir) / CHECKPOINTS
+  path = checkpoint_dir(workdir)
   return path.exists() and any(p.name.isdigit() for p in path.iterdir())
 
 

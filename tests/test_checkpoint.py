@@ -52,10 +52,12 @@ def reference(digits_data_dir, tmp_path_factory):
   return workdir, runs.summary(workdir)
 
 
-def test_round_trip_of_the_full_state_on_8_devices(tmp_path):
+@pytest.mark.parametrize('relative', [False, True], ids=['absolute', 'relative_workdir'])
+def test_round_trip_of_the_full_state_on_8_devices(tmp_path, monkeypatch, relative):
   task, mesh = tiny_task(), mesh_of(8)
   state, _ = setup(task, mesh)
-  ckpts = checkpoint.Checkpoints(str(tmp_path), keep=2)
+  monkeypatch.chdir(tmp_path)
+  ckpts = checkpoint.Checkpoints('workdirs/run' if relative else str(tmp_path), keep=2)
   ckpts.save(3, state, {'step': 3})
   ckpts.wait()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
