@@ -88,6 +88,7 @@ def report(root, seeds):
     rows.append(f'| {LABELS[method]} | {statistics.mean(top1):.2f} ± {std:.2f} | '
                 f'{", ".join(f"{t:.2f}" for t in top1)} | {wall / 60:.0f} |')
   afd_dir = workdir(root, 'afd', seeds[0])
+  os.makedirs(os.path.dirname(REPORT), exist_ok=True)
   if os.path.exists(os.path.join(afd_dir, 'attention.png')):
     shutil.copyfile(os.path.join(afd_dir, 'attention.png'), HEATMAP)
   c = fashion_mnist.get_config(f'method=afd,seed={seeds[0]}')
