@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import serialization
 
 from afd_jax.errors import UserError
 
@@ -155,8 +156,35 @@ def restore_raw_variables(workdir: str, collection_key: str = 'student') -> Tupl
   raise UserError(f'no readable checkpoint in {ckpt.directory}.')
 
 
+def export_variables(workdir: str, path: str, model_name: str) -> None:
+  """Writes the student variables of `workdir`'s latest readable checkpoint to `path` as Flax
+  msgpack (`{'model', 'variables'}`): one small file that `teacher.checkpoint` and
+  `student.init_checkpoint` read."""
+  variables, meta = restore_raw_variables(workdir)
+  saved = meta.get('fingerprint', {}).get('student.name', model_name)
+  if saved != model_name:
+    raise UserError(f'{workdir} holds a {saved!r} model, not {model_name!r}.')
+  payload = {'model': model_name, 'variables': variables}
+  epath.Path(path).write_bytes(serialization.msgpack_serialize(payload))
+
+
+def read_msgpack_variables(path: str, name: str, what: str) -> Dict[str, Any]:
+  """Variables of model `name` from a file written by `export_variables`."""
+  try:
+    payload = serialization.msgpack_restore(epath.Path(path).read_bytes())
+  except Exception as e:  # pylint: disable=broad-except  (msgpack raises many types)
+    raise UserError(f'{what} {path} is not a Flax msgpack file ({type(e).__name__}).') from e
+  if not isinstance(payload, dict) or 'variables' not in payload:
+    raise UserError(f'{what} {path} holds no model variables (expected a file written by '
+                    'python -m afd_jax.export).')
+  if payload.get('model', name) != name:
+    raise UserError(f'{what} {path} holds a {payload["model"]!r} model, not {name!r}.')
+  return payload['variables']
+
+
 def load_teacher(config, model, num_classes: int, image_shape) -> Dict[str, Any]:
-  """Teacher variables from `config.teacher.checkpoint`: one of our workdirs or a PyTorch .pth.
+  """Teacher variables from `config.teacher.checkpoint`: one of our workdirs, an exported
+  `.msgpack` or a PyTorch .pth.
 
   Validates the model name, class count and every shape before training starts.
   """
@@ -174,7 +202,8 @@ def load_teacher(config, model, num_classes: int, image_shape) -> Dict[str, Any]
 
 def load_model_variables(path: str, name: str, model, num_classes: int, image_shape, what: str,
                          new_head_ok: bool = False) -> Dict[str, Any]:
-  """Variables of model `name` from our workdir or a .pth, checked against `model`'s shapes.
+  """Variables of model `name` from our workdir, a `.msgpack` or a .pth, checked against
+  `model`'s shapes.
 
   With `new_head_ok`, a classifier (`fc`) of another class count is replaced by a fresh one
   (transfer learning); otherwise it is an error.
@@ -189,6 +218,8 @@ def load_model_variables(path: str, name: str, model, num_classes: int, image_sh
     saved = meta.get('fingerprint', {})
     if saved.get('student.name', name) != name:
       raise UserError(f'{what} {path} holds a {saved["student.name"]!r} model, not {name!r}.')
+  elif str(path).endswith('.msgpack'):
+    variables = read_msgpack_variables(path, name, what)
   else:
     from afd_jax.interop import torch as torch_interop  # pylint: disable=g-import-not-at-top
     try:
