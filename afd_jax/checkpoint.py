@@ -226,15 +226,16 @@ def load_model_variables(path: str, name: str, model, num_classes: int, image_sh
       variables = torch_interop.load(name, path)
     except (ValueError, ImportError, RuntimeError, OSError) as e:
       raise UserError(f'{what} {path}: {e}') from e
-  images = jax.numpy.zeros((2,) + tuple(image_shape))
-  fresh = jax.jit(lambda k: model.init(k, images, train=False))(jax.random.PRNGKey(0))
+  init = lambda k: model.init(k, jax.numpy.zeros((2,) + tuple(image_shape)), train=False)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))  # shapes only: nothing is computed
   head = np.shape(variables.get('params', {}).get('fc', {}).get('kernel', ()))
   if len(head) == 2 and head[1] != num_classes:
     if not new_head_ok:
       raise UserError(f'{what} {path} has {head[1]} classes, the dataset has {num_classes}.')
-    variables = {**variables, 'params': {**variables['params'], 'fc': fresh['params']['fc']}}
-  check_shapes(variables, fresh, f'{what} {path} ({name}, {num_classes} classes)')
-  return jax.tree.map(lambda x, a: np.asarray(x, a.dtype), variables, fresh)
+    fresh_head = jax.jit(init)(jax.random.PRNGKey(0))['params']['fc']
+    variables = {**variables, 'params': {**variables['params'], 'fc': fresh_head}}
+  check_shapes(variables, abstract, f'{what} {path} ({name}, {num_classes} classes)')
+  return jax.tree.map(lambda x, a: np.asarray(x, a.dtype), variables, abstract)
 
 
 def check_shapes(variables, abstract, what: str) -> None:

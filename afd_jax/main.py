@@ -17,9 +17,6 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and summary.json.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, a checkpoint was saved; rerun to resume.
-
-
 def _one_line(error: BaseException) -> str:
   """One line from a flag/config error. absl and ml_collections wrap the config file's own
   exception, its traceback text included: take the outer message if it is one line, else the
@@ -59,7 +56,7 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
   if summary['status'] == 'preempted':
-    sys.exit(PREEMPTED_EXIT_CODE)
+    sys.exit(train.PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':

@@ -17,20 +17,22 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from afd_jax import checkpoint, data, distill, metrics, models, sharding, step
+from afd_jax import checkpoint, data, distill, metrics, models, sharding, step, workdir_lock
 from afd_jax.errors import UserError
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, a checkpoint was saved; rerun to resume.
 
 
 class TrainingDiverged(UserError):
   """A loss term or the gradient became non-finite; no checkpoint of that state is written."""
 
 
-def params_sha256(params) -> str:
-  """SHA-256 of parameter bytes in a canonical (sorted-path) order: equal iff runs agree."""
+def params_sha256(tree) -> str:
+  """SHA-256 of a pytree's leaves (path, dtype, shape and bytes) in a canonical (sorted-path)
+  order: equal iff runs agree. Any pytree: the parameters, or the whole train state."""
   digest = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0],
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0],
                            key=lambda item: jax.tree_util.keystr(item[0])):
     leaf = np.asarray(jax.device_get(leaf))
     digest.update(jax.tree_util.keystr(path).encode())
@@ -99,11 +101,50 @@ def evaluate(eval_step, variables, config, info, mesh) -> Dict[str, float]:
           'loss': float(totals['loss_sum']) / count, 'count': int(totals['count'])}
 
 
+def lock_workdir(workdir: str) -> Optional[workdir_lock.WorkdirLock]:
+  """Creates `workdir` if needed and takes its lock (process 0, for the whole job); every process
+  raises UserError if the workdir is a file, cannot be written, or another run holds it."""
+  lock, problem = None, ''
+  if jax.process_index() == 0:
+    path = epath.Path(workdir)
+    try:
+      if path.exists() and not path.is_dir():
+        raise UserError(f'--workdir {workdir} is a file, not a folder.')
+      try:
+        path.mkdir(parents=True, exist_ok=True)
+        lock = workdir_lock.WorkdirLock(workdir).acquire()
+      except OSError as e:
+        raise UserError(f'--workdir {workdir} cannot be written '
+                        f'({e.strerror or type(e).__name__}).') from None
+    except UserError as e:
+      problem = str(e)
+    if lock is not None and lock.took_over:
+      print(f'WARNING: took over the lock of a run that is gone in {workdir} '
+            f'(pid {lock.took_over.get("pid")} on {lock.took_over.get("host")}).', flush=True)
+  if jax.process_count() > 1:
+    refused = multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))
+    if int(refused) and not problem:
+      problem = f'process 0 could not take the lock of {workdir} (see its log).'
+  if problem:
+    raise UserError(problem)
+  return lock
+
+
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
-  """Trains and evaluates; returns (and writes to `workdir/summary.json`) the summary."""
+  """Trains and evaluates; returns (and writes to `workdir/summary.json`) the summary.
+  One run per workdir: a second one refuses while this one holds `workdir/LOCK`."""
   start_time = time.time()
   validate(config)
   sharding.maybe_initialize_distributed()
+  lock = lock_workdir(workdir)
+  try:
+    return _train_and_evaluate(config, workdir, start_time)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, Any]:
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
@@ -136,7 +177,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     teacher_vars = jax.device_put(
         checkpoint.load_teacher(config, teacher, info.num_classes, info.image_shape), rep)
 
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints, config.keep_best)
   init_fn = step.jit_init_state(task, mesh, info.image_shape,
                                 jax.eval_shape(lambda: teacher_vars) if distil else None)
@@ -256,7 +296,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
              'total_steps': total_steps, 'eval': eval_metrics, 'teacher_eval': teacher_eval,
              'train': train_metrics,
              'wall_time_sec': wall, 'total_time_sec': time.time() - start_time,
-             'params_sha256': params_sha256(state.params)}
+             'params_sha256': params_sha256(state.params),
+             # The whole state: step, params, batch_stats, opt_state and rng (exact resume).
+             'state_sha256': params_sha256(state)}
   if status == 'finished':
     checkpoint.write_json(os.path.join(workdir, 'summary.json'), summary)
     writer.console(f'done: step {summary["final_step"]}, eval top1 '

@@ -5,6 +5,7 @@ for the `*im` ResNets) or, with `name='afd'`, the official AFD module's (`attent
 `load(name, path)` reads a `.pth` with `torch.load(..., weights_only=True)`: a checkpoint is
 data, never code. torch is optional: it is imported only by `load` and only to read the file.
 """
+import pickle
 import re
 from typing import Any, Callable, Dict, Mapping, Tuple
 
@@ -204,6 +205,11 @@ def convert(name: str, state_dict: Mapping[str, Any]):
   return _convert_model(name, sd)
 
 
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0][:120]}' if text else type(error).__name__
+
+
 def read_state_dict(path: str) -> Dict[str, Any]:
   """Reads a `.pth` (bare state_dict or `{'model': state_dict, ...}`) without running code."""
   try:
@@ -211,7 +217,19 @@ def read_state_dict(path: str) -> Dict[str, Any]:
   except ImportError as e:
     raise ImportError('Reading a PyTorch checkpoint needs torch: pip install torch '
                       '(a CPU build is enough).') from e
-  obj = torch.load(path, map_location='cpu', weights_only=True)
+  with open(path, 'rb') as f:
+    magic = f.read(4)
+  if magic != b'PK\x03\x04' and magic[:1] != b'\x80':  # neither torch's zip nor a pickle stream
+    raise ValueError('not a PyTorch checkpoint (neither a torch.save zip file nor a pickle).')
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    if 'unsupported global' in str(e).lower():  # the weights-only unpickler met a Python object
+      raise ValueError('refused: it holds pickled Python objects, not only tensors (loading it '
+                       'would run code; nothing in it was run).') from None
+    raise ValueError(f'not a PyTorch checkpoint ({_first_line(e)}).') from None
+  except (KeyError, EOFError, RuntimeError, AttributeError, IndexError, TypeError) as e:
+    raise ValueError(f'not a PyTorch checkpoint ({_first_line(e)}).') from None
   for key in ('model', 'state_dict'):
     if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
       obj = obj[key]
