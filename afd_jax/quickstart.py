@@ -1,19 +1,34 @@
-"""The quick-start: on the offline `digits` dataset, train a teacher (or reuse WORKDIR/teacher),
-the student alone, and the student distilled with AFD; print a table and where things are.
+"""The quick-start: on Fashion-MNIST (offline), distil the shipped resnet20 teacher into a resnet8
+student that sees 2,000 training images, next to the same student alone and with KD; print the
+table and where things are.
 
   python -m afd_jax.quickstart --workdir=workdirs/quickstart
+  python -m afd_jax.quickstart --workdir=workdirs/quickstart-seeds --seeds=0,1,2 \\
+      --report=docs/results/quickstart.md        (the measured protocol: mean +- std over seeds)
 (`bash launch/quickstart.sh` sets up the environment first.) Configs: configs/quickstart.py.
+A finished run (its summary.json) is reused and an interrupted one resumes, so rerunning the
+command continues where it stopped.
 """
 import json
 import os
+import statistics
 import sys
+from typing import Dict, List
 
 from absl import app, flags, logging
 
 from afd_jax import train
 from afd_jax.errors import UserError
 
-_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/quickstart', 'Root folder of the three runs.')
+_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/quickstart', 'Root folder of the runs.')
+_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds to run; more than one adds mean +- std.')
+_REPORT = flags.DEFINE_string('report', '', 'Also write the table as Markdown to this file.')
+
+class Preempted(Exception):
+  """A run stopped early on SIGTERM (its checkpoint is saved)."""
+
+
+LABELS = {'student': 'student alone', 'kd': 'student with KD', 'afd': 'student with AFD'}
 
 
 def _finished(workdir: str):
@@ -26,48 +41,76 @@ def _finished(workdir: str):
   return None
 
 
-def run_all(root: str):
+def run_dir(root: str, run: str, seed: str, many: bool) -> str:
+  return os.path.join(root, f'{run}-s{seed}' if many else run)
+
+
+def run_all(root: str, seeds: List[str]) -> Dict[str, List[dict]]:
+  """{run: [summary per seed]} for the three student runs."""
   from configs import quickstart  # pylint: disable=g-import-not-at-top  (run from the repo root)
-  results = {}
-  for run in quickstart.RUNS:
-    workdir = os.path.join(root, run)
-    config = quickstart.get_config(run)
-    if run == 'afd':
-      config.teacher.checkpoint = os.path.join(root, 'teacher')
-    summary = _finished(workdir) if run == 'teacher' else None
-    if summary:
-      print(f'== {run}: reusing {workdir}', flush=True)
-    else:
-      print(f'== {run}: {config.name} -> {workdir}', flush=True)
-      summary = train.train_and_evaluate(config, workdir)
-    results[run] = (config, summary)
+  if not os.path.exists(quickstart.TEACHER_CHECKPOINT):
+    raise UserError(f'the shipped teacher {quickstart.TEACHER_CHECKPOINT} is missing; '
+                    'launch/quickstart_teacher/README.md says how to make it.')
+  results = {run: [] for run in quickstart.STUDENT_RUNS}
+  for seed in seeds:
+    for run in quickstart.STUDENT_RUNS:
+      workdir = run_dir(root, run, seed, len(seeds) > 1)
+      summary = _finished(workdir)
+      if summary:
+        print(f'== {run} (seed {seed}): reusing {workdir}', flush=True)
+      else:
+        config = quickstart.get_config(f'{run},seed={seed}')
+        print(f'== {run} (seed {seed}): {config.name} -> {workdir}', flush=True)
+        summary = train.train_and_evaluate(config, workdir)
+        if summary['status'] != 'finished':  # SIGTERM: stop here; rerunning resumes
+          raise Preempted(f'{workdir} stopped at step {summary["final_step"]}; rerun the same '
+                          'command to resume.')
+      results[run].append(summary)
   return results
 
 
-def print_table(root: str, results) -> None:
-  rows = [('teacher', 'teacher'), ('student alone', 'student'), ('student with AFD', 'afd')]
-  print('\n| run              | model    | top-1 (%) |')
-  print('|------------------|----------|-----------|')
-  for label, run in rows:
-    config, summary = results[run]
-    print(f'| {label:16s} | {config.student.name:8s} | {summary["eval"]["top1"]:9.2f} |')
-  print(f'\nWorkdirs: {os.path.join(root, "{teacher,student,afd}")} (checkpoints/, '
-        'TensorBoard events, summary.json, config.json)')
-  print(f'Attention-link plot: {os.path.join(root, "afd", "attention.png")} '
-        f'(redraw: python -m afd_jax.visualize --workdir={os.path.join(root, "afd")})')
-  print(f'TensorBoard: tensorboard --logdir={root}')
+def _cell(values: List[float]) -> str:
+  if len(values) == 1:
+    return f'{values[0]:.2f}'
+  return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
+
+
+def table(results: Dict[str, List[dict]]) -> str:
+  teacher = [s['teacher_eval']['top1'] for s in results['kd']]
+  rows = [('teacher (shipped)', 'resnet20', teacher[:1])]
+  rows += [(LABELS[run], 'resnet8', [s['eval']['top1'] for s in summaries])
+           for run, summaries in results.items()]
+  lines = ['| run               | model    | top-1 (%) |', '|---|---|---|']
+  lines += [f'| {label:17s} | {model:8s} | {_cell(values):>9s} |' for label, model, values in rows]
+  return '\n'.join(lines)
 
 
 def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
+  root, seeds = _WORKDIR.value, _SEEDS.value
   try:
-    results = run_all(_WORKDIR.value)
+    results = run_all(root, seeds)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print_table(_WORKDIR.value, results)
+  except Preempted as e:
+    print(f'preempted: {e}', file=sys.stderr)
+    sys.exit(train.PREEMPTED_EXIT_CODE)
+  text = table(results)
+  print('\n' + text)
+  if len(seeds) > 1:
+    print(f'(mean ± std over seeds {",".join(seeds)}; top-1 on the 10,000 test images)')
+  if _REPORT.value:
+    with open(_REPORT.value, 'w') as f:
+      f.write(text + '\n')
+    print(f'table written to {_REPORT.value}')
+  afd = run_dir(root, 'afd', seeds[0], len(seeds) > 1)
+  print(f'\nWorkdirs: {root} (checkpoints/, TensorBoard events, summary.json, config.json)')
+  print(f'Attention-link plot: {os.path.join(afd, "attention.png")} '
+        f'(redraw: python -m afd_jax.visualize --workdir={afd})')
+  print(f'TensorBoard: tensorboard --logdir={root}')
 
 
 if __name__ == '__main__':

@@ -3,7 +3,7 @@
 #
 #   launch/local_multiprocess.sh N COMMAND...
 #   launch/local_multiprocess.sh 2 .venv/bin/python -m afd_jax.main \
-#       --config=configs/quickstart.py:afd --workdir=/tmp/mp --config.teacher.checkpoint=random
+#       --config=configs/digits.py:afd --workdir=/tmp/mp --config.teacher.checkpoint=random
 #
 # Each process gets AFD_COORDINATOR_ADDRESS=127.0.0.1:PORT (bound to 127.0.0.1 only),
 # AFD_NUM_PROCESSES=N, AFD_PROCESS_ID=i, gloo CPU collectives and DEVICES_PER_PROCESS fake CPU

@@ -1,6 +1,5 @@
-"""Test set-up: 8 fake CPU devices, set before JAX starts; paths to shared test data."""
+"""Test set-up: 8 fake CPU devices, set before JAX starts; shared fixtures."""
 import os
-import pathlib
 import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -16,26 +15,14 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 
 import pytest  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE_DIR = pathlib.Path(os.environ.get('AFD_REFERENCE_DIR', REPO.parent / 'shared' / 'reference'))
-
-
-@pytest.fixture(scope='session')
-def reference_dir() -> pathlib.Path:
-  """Arrays computed by the official PyTorch code (see ../shared/reference/README.md)."""
-  if not REFERENCE_DIR.is_dir():
-    pytest.skip(f'reference arrays not found at {REFERENCE_DIR} '
-                '(set AFD_REFERENCE_DIR to the folder holding the official .npz files)')
-  return REFERENCE_DIR
-
 
 @pytest.fixture(scope='session')
 def digits_data_dir(tmp_path_factory) -> str:
   """A TFDS data_dir holding the offline `digits` dataset, built once per session."""
   from afd_jax import data  # pylint: disable=g-import-not-at-top
-  from configs import quickstart  # pylint: disable=g-import-not-at-top
+  from configs import digits  # pylint: disable=g-import-not-at-top
   path = str(tmp_path_factory.mktemp('tfds_digits'))
-  config = quickstart.get_config('teacher')
+  config = digits.get_config('teacher')
   config.dataset.data_dir = path
   data.dataset_info(config)
   return path

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
-from configs import quickstart
+from configs import digits
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -22,8 +22,8 @@ TINY = {
 
 
 def tiny_config(data_dir: str, run: str = 'afd', **overrides):
-  """The quick-start config shrunk for tests; `overrides` use '__' for '.' in keys."""
-  config = quickstart.get_config(run)
+  """The digits config (configs/digits.py) shrunk for tests; `overrides` use '__' for '.' in keys."""
+  config = digits.get_config(run)
   config.dataset.data_dir = data_dir
   for key, value in {**TINY, **{k.replace('__', '.'): v for k, v in overrides.items()}}.items():
     node = config
@@ -38,7 +38,7 @@ def tiny_config(data_dir: str, run: str = 'afd', **overrides):
 
 def flag_args(data_dir: str, run: str = 'afd', **overrides) -> List[str]:
   """CLI flags for the same tiny run."""
-  args = [f'--config={REPO}/configs/quickstart.py:{run}',
+  args = [f'--config={REPO}/configs/digits.py:{run}',
           f'--config.dataset.data_dir={data_dir}']
   settings = {**TINY, **{k.replace('__', '.'): v for k, v in overrides.items()}}
   if run != 'afd':

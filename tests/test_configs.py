@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from afd_jax import models, step, train
-from configs import cifar100, imagenet, methods, quickstart, transfer
+from configs import cifar100, digits, imagenet, methods, quickstart, transfer
 
 STABLE_NAMES = ('dataset.name', 'teacher.name', 'teacher.checkpoint', 'student.name', 'method',
                 'seed', 'num_epochs', 'batch_size', 'dtype')
@@ -29,6 +29,9 @@ def configs():
         f'dataset={dataset},model=resnet34im')
   for run in quickstart.RUNS:
     yield f'quickstart.py:{run}', quickstart.get_config(run)
+    yield f'quickstart.py:{run},seed=2', quickstart.get_config(f'{run},seed=2')
+  for run in digits.RUNS:
+    yield f'digits.py:{run}', digits.get_config(run)
   for method in methods.CHOICES:
     yield f'methods.py:{method}', methods.get_config(method)
   fashion = importlib.import_module('configs.fashion_mnist')
@@ -87,6 +90,8 @@ def test_method_weights_follow_the_documented_recipes():
     (cifar100, 'teacher=wrn40x2,bogus=1', 'cifar100.py takes'),
     (transfer, 'dataset=flowers', 'dataset must be one of'),
     (quickstart, 'nope', 'quickstart.py takes one of'),
+    (quickstart, 'afd,bogus=1', 'quickstart.py:<run> takes'),
+    (digits, 'nope', 'digits.py takes one of'),
 ])
 def test_bad_arguments_are_clear(module, arg, message):
   with pytest.raises(ValueError, match=message):
