@@ -1,7 +1,6 @@
 """Checkpointing and fault tolerance: round trip, exact resume after SIGKILL/SIGTERM and a killed
 async save, the divergence guard, teachers from checkpoints, and bad input losing nothing."""
 import os
-import random
 import re
 import shutil
 import signal
@@ -11,21 +10,24 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from afd_jax import checkpoint, models, train
+from afd_jax import checkpoint, models, step, train
 from afd_jax.errors import UserError
 from afd_jax.interop import torch as torch_interop
 from tests import runs
 from tests.test_step import mesh_of, setup, tiny_task
 
 STEPS = 30  # every run below: 30 steps of 32 examples, a checkpoint every 5 steps and at the end
+STEPS_PER_EPOCH = 10  # a 320-example training subset: epochs end (evaluate, save) at 10, 20, 30
 PREVIOUS = STEPS - 5
 DEVICES = 1  # the CLI runs use one device: exactness holds for a fixed device count
 
 
 def run_args(data_dir, **overrides):
-  return runs.flag_args(data_dir, num_train_steps=STEPS, **overrides)
+  return runs.flag_args(data_dir, num_train_steps=STEPS,
+                        dataset__train_subset=32 * STEPS_PER_EPOCH, **overrides)
 
 
 def run_until_step(args, workdir, stop_at, sig):
@@ -42,14 +44,6 @@ def run_until_step(args, workdir, stop_at, sig):
       break
   output += proc.stdout.readlines()
   return proc.wait(timeout=300), ''.join(output)
-
-
-@pytest.fixture(scope='module')
-def reference(digits_data_dir, tmp_path_factory):
-  """An uninterrupted run: its workdir and summary."""
-  workdir = tmp_path_factory.mktemp('reference')
-  runs.cli(run_args(digits_data_dir), workdir=str(workdir), check=True, devices=DEVICES)
-  return workdir, runs.summary(workdir)
 
 
 @pytest.mark.parametrize('relative', [False, True], ids=['absolute', 'relative_workdir'])
@@ -71,11 +65,26 @@ def test_round_trip_of_the_full_state_on_8_devices(tmp_path, monkeypatch, relati
     assert a.sharding == b.sharding and len(a.sharding.device_set) == 8
 
 
+@pytest.fixture(scope='module')
+def reference(digits_data_dir, tmp_path_factory):
+  """An uninterrupted run: its workdir and summary."""
+  workdir = tmp_path_factory.mktemp('reference')
+  result = runs.cli(run_args(digits_data_dir), workdir=str(workdir), check=True, devices=DEVICES)
+  assert f'{STEPS_PER_EPOCH} steps/epoch, {STEPS} steps' in result.stdout
+  return workdir, runs.summary(workdir)
+
+
+# Where each signal lands: SIGKILL in epoch 0 between two periodic checkpoints (steps 5 and 10),
+# SIGTERM in epoch 1; either way the resumed run crosses epoch ends before finishing in epoch 2.
+STOP_AT = {signal.SIGKILL: 7, signal.SIGTERM: 13}
+
+
 @pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM], ids=['sigkill', 'sigterm'])
 def test_interrupted_and_resumed_run_ends_identical(digits_data_dir, reference, tmp_path, sig):
+  """The whole state (step, parameters, batch statistics, optimizer state, RNG) of the resumed
+  run equals the uninterrupted run's, bit for bit."""
   workdir = tmp_path / 'run'
-  stop_at = random.Random(sig).randint(3, STEPS - 2)
-  code, output = run_until_step(run_args(digits_data_dir), workdir, stop_at, sig)
+  code, output = run_until_step(run_args(digits_data_dir), workdir, STOP_AT[sig], sig)
   if sig == signal.SIGTERM:
     assert code == 143, output[-2000:]  # saved, then stopped; rerun to resume
     assert 'preemption notice' in output
@@ -86,8 +95,18 @@ def test_interrupted_and_resumed_run_ends_identical(digits_data_dir, reference, 
   assert saved or sig == signal.SIGKILL
   resumed = runs.cli(run_args(digits_data_dir), workdir=str(workdir), check=True,
                      devices=DEVICES)
-  assert ('resumed from' in resumed.stdout) == saved
-  assert runs.summary(workdir)['params_sha256'] == reference[1]['params_sha256']
+  match = re.search(r'resumed from .* at step (\d+)', resumed.stdout)
+  assert bool(match) == saved
+  start = int(match.group(1)) if match else 0
+  # The interruption fell in an earlier epoch than the one the run ends in.
+  assert start // STEPS_PER_EPOCH < (STEPS - 1) // STEPS_PER_EPOCH, start
+  assert re.findall(r'eval at step (\d+)', resumed.stdout) == [
+      str(s) for s in range(STEPS_PER_EPOCH, STEPS + 1, STEPS_PER_EPOCH) if s > start]
+  summary = runs.summary(workdir)
+  assert summary['final_step'] == STEPS
+  assert summary['state_sha256'] == reference[1]['state_sha256']
+  assert summary['params_sha256'] == reference[1]['params_sha256']
+  assert summary['eval'] == reference[1]['eval']
 
 
 def test_a_save_killed_mid_write_is_ignored(digits_data_dir, reference, tmp_path):
@@ -107,16 +126,24 @@ def test_a_save_killed_mid_write_is_ignored(digits_data_dir, reference, tmp_path
 
 
 def test_non_finite_loss_stops_before_any_checkpoint_of_it(digits_data_dir, tmp_path):
-  config = runs.tiny_config(digits_data_dir, num_train_steps=STEPS, debug_nan_at_step=7)
-  with pytest.raises(train.TrainingDiverged) as info:  # the CLI prints it and exits with 2
-    train.train_and_evaluate(config, str(tmp_path))
-  assert "non-finite loss term 'ce' at step 7" in str(info.value)
-  assert 'the last good checkpoint is step 5' in str(info.value)
-  ckpts = checkpoint.Checkpoints(str(tmp_path), create=False)
-  assert ckpts.steps() == [5]
+  """The NaN falls on step 10, which would be checkpointed twice over (a multiple of
+  checkpoint_every_steps=5 and an epoch end) but is no log step: the guard still runs before the
+  save. The CLI exits with 2 and one line on stderr; step 10 is never written."""
+  nan_step = 10
+  assert nan_step % 5 == 0 and nan_step % STEPS_PER_EPOCH == 0  # periodic save and epoch end
+  result = runs.cli(run_args(digits_data_dir, debug_nan_at_step=nan_step, log_every_steps=1000),
+                    workdir=str(tmp_path), devices=DEVICES)
+  assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+  assert 'Traceback' not in result.stdout + result.stderr
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith(f"error: non-finite loss term 'ce' at step {nan_step}"), lines[0]
+  assert f'the last good checkpoint is step 5 in {tmp_path / "checkpoints"}' in lines[0]
+  assert checkpoint.Checkpoints(str(tmp_path), create=False).steps() == [5]
   variables, meta = checkpoint.restore_raw_variables(str(tmp_path))
   assert meta['step'] == 5
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+  assert not (tmp_path / 'summary.json').exists()
 
 
 @pytest.fixture(scope='module')
@@ -197,3 +224,111 @@ def test_bad_input_leaves_checkpoints_byte_identical(digits_data_dir, finished_r
     with pytest.raises(UserError, match=re.escape(expected)):
       train.train_and_evaluate(config, str(finished_run))
   assert runs.tree_digest(finished_run / 'checkpoints') == before
+
+
+def unlike_any_init(num_classes):
+  """resnet8 variables (`num_classes` outputs) that no fresh init gives: random weights shifted
+  by +0.1..0.5, batch statistics included."""
+  model = models.create('resnet8', num_classes)
+  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 8, 8, 1)), train=False))(
+      jax.random.PRNGKey(11))
+  rng = np.random.default_rng(11)
+  return jax.tree.map(lambda x: np.asarray(x + rng.uniform(0.1, 0.5, x.shape), np.float32),
+                      variables)
+
+
+def write_source(kind, variables, tmp_path):
+  """A 7-class resnet8 checkpoint: a PyTorch .pth, or a workdir holding the trainer's state."""
+  if kind == 'pth':
+    torch = pytest.importorskip('torch', reason='torch is optional; CI installs the CPU build')
+    path = tmp_path / 'source.pth'
+    torch.save({k: torch.from_numpy(np.array(v))
+                for k, v in torch_interop.to_state_dict('resnet8', variables).items()}, path)
+    return path
+  path = tmp_path / 'source'
+  schedule = optax.constant_schedule(0.1)
+  task = step.Task(student=models.create('resnet8', 7), tx=optax.sgd(schedule), schedule=schedule)
+  state = jax.jit(lambda k: step.init_state(task, k, (8, 8, 1)))(jax.random.PRNGKey(1))
+  state = state.replace(params={**state.params, 'student': variables['params']},
+                        batch_stats={**state.batch_stats, 'student': variables['batch_stats']})
+  ckpts = checkpoint.Checkpoints(str(path), async_save=False)
+  ckpts.save(4, state, {'fingerprint': {'student.name': 'resnet8', 'num_classes': 7}, 'step': 4})
+  ckpts.close()
+  return path
+
+
+@pytest.mark.parametrize('kind', ['pth', 'workdir'])
+def test_student_init_checkpoint_of_another_class_count_gets_a_fresh_classifier(
+    digits_data_dir, tmp_path, monkeypatch, capsys, kind):
+  """student.init_checkpoint from a 7-class model on 10-class digits: the state the first step
+  receives holds the source's body weights and batch statistics exactly, and a fresh 10-class fc."""
+  source = unlike_any_init(7)
+  path = write_source(kind, source, tmp_path)
+  first_state = []
+  real_jit_train_step = step.jit_train_step
+
+  def recording_jit_train_step(task, mesh):
+    train_step = real_jit_train_step(task, mesh)
+
+    def recorded(state, teacher_vars, batch):
+      if not first_state:
+        first_state.append(jax.device_get({'params': state.params['student'],
+                                           'batch_stats': state.batch_stats['student']}))
+      return train_step(state, teacher_vars, batch)
+    return recorded
+
+  monkeypatch.setattr(step, 'jit_train_step', recording_jit_train_step)
+  config = runs.tiny_config(digits_data_dir, run='student', num_train_steps=1,
+                            student__init_checkpoint=str(path))
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert f'student initialised from {path}' in capsys.readouterr().out
+  assert summary['final_step'] == 1 and len(first_state) == 1
+  flat = lambda tree: {jax.tree_util.keystr(p): x
+                       for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  got, want = flat(first_state[0]), flat(source)
+  assert set(got) == set(want)
+  head = {"['params']['fc']['kernel']", "['params']['fc']['bias']"}
+  for key in sorted(set(got) - head):
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  kernel, bias = got["['params']['fc']['kernel']"], got["['params']['fc']['bias']"]
+  assert want["['params']['fc']['kernel']"].shape == (64, 7)
+  assert kernel.shape == (64, 10) and bias.shape == (10,)
+  # Fresh: PyTorch's Linear init, uniform within 1/sqrt(fan_in); the source's head is not there.
+  bound = 1 / np.sqrt(64)
+  assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound and kernel.std() > bound / 4
+  assert not np.isin(kernel, want["['params']['fc']['kernel']"]).any()
+
+
+def test_keep_best_prunes_to_exactly_the_latest_and_the_best(tmp_path):
+  """keep_checkpoints=1 with keep_best: of five saves only the latest and the best eval top-1
+  remain; a save without eval metrics (a periodic one) is never the best. Without keep_best:
+  the latest only."""
+  state = {'w': np.arange(4, dtype=np.float32)}
+  saves = ((1, 40.0), (2, 70.0), (3, None), (4, 55.0), (5, None))
+  for keep_best, kept in ((True, [2, 5]), (False, [5])):
+    workdir = str(tmp_path / str(keep_best))
+    ckpts = checkpoint.Checkpoints(workdir, keep=1, keep_best=keep_best)
+    for step_count, top1 in saves:
+      ckpts.save(step_count, state, {'step': step_count},
+                 metrics=None if top1 is None else {'top1': top1})
+    ckpts.close()
+    assert checkpoint.Checkpoints(workdir, create=False).steps() == kept, keep_best
+
+
+def test_a_run_with_keep_best_keeps_the_latest_and_the_best_eval(digits_data_dir, tmp_path, capsys):
+  """The trainer's wiring of the same policy: 3 epochs of 10 steps, saves every 5 steps, the
+  learning rate x100 in epoch 3 so that the last eval is not the best; only the latest and the
+  best-top1 checkpoints remain."""
+  config = runs.tiny_config(digits_data_dir, run='student', num_train_steps=30,
+                            dataset__train_subset=320, checkpoint_every_steps=5,
+                            keep_checkpoints=1, keep_best=True, log_every_steps=1000,
+                            optimizer__decay_epochs=(3,), optimizer__decay_factor=100.0)
+  train.train_and_evaluate(config, str(tmp_path))
+  evals = {int(s): float(t) for s, t in
+           re.findall(r'eval at step (\d+): top1 ([\d.]+)', capsys.readouterr().out)}
+  assert sorted(evals) == [10, 20, 30]
+  best = max(evals, key=evals.get)
+  assert best != 30 and list(evals.values()).count(evals[best]) == 1, evals
+  ckpts = checkpoint.Checkpoints(str(tmp_path), create=False)
+  assert ckpts.steps() == [best, 30]
+  assert round(ckpts.read_meta(best)['eval']['top1'], 2) == evals[best]

@@ -1,5 +1,6 @@
 """The jitted, sharded train step: device-count invariance, one compilation, frozen teacher,
 learning a toy task, KD + AFD stability. Tiny models on 8x8 images."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -164,12 +165,42 @@ def test_kd_and_afd_run_50_steps_without_nan(afd8):
   assert history[-1]['loss'] < history[0]['loss']
 
 
-def test_bfloat16_step_is_close_to_float32(batches, afd8):
+def record_distiller_inputs(dtypes):
+  """An interceptor: the dtypes of the feature maps (student's, then teacher's) handed to the AFD
+  module in a train step, recorded whenever a step is traced."""
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, AFD) and context.method_name == '__call__' and kwargs.get('train'):
+      dtypes.append([f.dtype for f in (*args[0], *args[1])])
+    return next_fun(*args, **kwargs)
+
+  return nn.intercept_methods(interceptor)
+
+
+def test_bfloat16_step_runs_in_bfloat16_and_is_close_to_float32(batches, afd8):
+  """dtype=bfloat16 really computes in bfloat16: the student's and teacher's feature maps inside
+  the jitted step are bfloat16 (float32 in the float32 step), so every loss term differs from
+  float32's, by bfloat16 rounding only; parameters and loss terms stay float32."""
   task, mesh, train_step = afd8
-  _, _, h32, _ = run(task, mesh, batches[:1], train_step)
-  _, _, h16, _ = run(tiny_task(dtype=jnp.bfloat16), mesh_of(8), batches[:1])
-  for k in ('ce', 'kd', 'afd'):
-    np.testing.assert_allclose(h16[0][k], h32[0][k], rtol=0.05)
+  s32, teacher32, h32, _ = run(task, mesh, batches[:1], train_step)
+  task16 = tiny_task(dtype=jnp.bfloat16)
+  state, teacher_vars = setup(task16, mesh)
+  batch = sharding.global_batch(batches[0], mesh)
+  dtypes16, dtypes32 = [], []
+  with record_distiller_inputs(dtypes16):  # the real step, recorded while jit traces it
+    s16, m16 = step.jit_train_step(task16, mesh)(state, teacher_vars, batch)
+  with record_distiller_inputs(dtypes32):  # the float32 step, traced only
+    jax.eval_shape(step.make_train_step(task), s32, teacher32, batch)
+  n_feats = len(task.student.taps()) + len(task.teacher.taps())
+  assert dtypes16 == [[jnp.bfloat16] * n_feats]
+  assert dtypes32 == [[jnp.float32] * n_feats]
+  h16 = jax.device_get(m16)
+  for k in ('ce', 'kd', 'afd', 'loss'):
+    assert h16[k].dtype == np.float32, k
+    assert h16[k] != h32[0][k], k  # computed differently, not float32 under another name
+    np.testing.assert_allclose(h16[k], h32[0][k], rtol=0.05)
+  assert {x.dtype for x in jax.tree.leaves(s16.params)} == {np.dtype('float32')}
+  assert not [x for x in jax.tree.leaves(s16) if x.dtype == jnp.bfloat16]
 
 
 def test_eval_step_masks_padding():

@@ -12,11 +12,6 @@ from afd_jax.errors import UserError
 from tests import runs
 
 
-def final_state(workdir):
-  variables, meta = checkpoint.restore_raw_variables(workdir)
-  return variables, meta
-
-
 @pytest.fixture(scope='module')
 def afd_run(digits_data_dir, tmp_path_factory):
   """A finished tiny AFD run: (workdir, summary)."""
@@ -32,7 +27,8 @@ def test_train_and_evaluate_writes_summary_logs_and_checkpoints(afd_run):
   assert summary['eval']['count'] == 360  # every test example exactly once
   assert 0 <= summary['eval']['top1'] <= summary['eval']['top5'] <= 100
   assert summary['teacher_eval']['count'] == 360
-  assert len(summary['params_sha256']) == 64
+  assert len(summary['params_sha256']) == len(summary['state_sha256']) == 64
+  assert summary['state_sha256'] != summary['params_sha256']  # more than the parameters
   assert set(summary['train']) >= {'loss', 'ce', 'kd', 'afd', 'top1', 'learning_rate'}
   assert runs.summary(tmp_path) == summary
   assert checkpoint.Checkpoints(str(tmp_path), create=False).steps() == [5, 6]
@@ -42,6 +38,28 @@ def test_train_and_evaluate_writes_summary_logs_and_checkpoints(afd_run):
   np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
   assert (tmp_path / 'attention.png').stat().st_size > 1000
   assert (tmp_path / 'config.json').exists()
+
+
+def test_resume_from_continues_another_workdirs_latest_checkpoint(afd_run, digits_data_dir,
+                                                                  tmp_path, capsys):
+  """A new workdir with resume_from=<afd_run> starts from its latest checkpoint (step 6), keeps
+  counting from there, leaves the source untouched, and ends in exactly the state of a run that
+  trained the 9 steps straight through; rerun, it resumes from its own checkpoint first."""
+  source, _ = afd_run
+  before = runs.tree_digest(source / 'checkpoints')
+  capsys.readouterr()
+  config = runs.tiny_config(digits_data_dir, num_train_steps=9, resume_from=str(source))
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert f'resumed from {source} (resume_from) at step 6' in capsys.readouterr().out
+  assert resumed['final_step'] == 9
+  assert checkpoint.Checkpoints(str(tmp_path / 'resumed'), create=False).steps() == [9]
+  assert runs.tree_digest(source / 'checkpoints') == before
+  straight = train.train_and_evaluate(runs.tiny_config(digits_data_dir, num_train_steps=9),
+                                      str(tmp_path / 'straight'))
+  assert resumed['state_sha256'] == straight['state_sha256']
+  again = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert f'resumed from {tmp_path / "resumed"} (own checkpoint) at step 9' in capsys.readouterr().out
+  assert again['state_sha256'] == resumed['state_sha256']
 
 
 def test_two_processes_equal_one_process(digits_data_dir, tmp_path):
@@ -57,15 +75,21 @@ def test_two_processes_equal_one_process(digits_data_dir, tmp_path):
                           cwd=runs.REPO)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert '[p0]' in result.stdout and '[p1]' in result.stdout
+  # One job of 8 devices, not two independent 4-device runs.
+  assert ', 8 devices x 2 processes,' in result.stdout
   multi = runs.summary(tmp_path / 'multi')
   for key in ('loss', 'ce', 'kd', 'afd'):
     # atol as in test_step: float32 summation order on the small terms (afd ~0.03 here).
     np.testing.assert_allclose(multi['train'][key], single['train'][key], rtol=1e-5, atol=1e-6)
-  a, _ = final_state(str(tmp_path / 'single'))
-  b, _ = final_state(str(tmp_path / 'multi'))
-  diff = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a['params'], b['params'])
-  assert max(jax.tree.leaves(diff)) <= 1e-5
+  for part in ('student', 'distiller'):  # the student and the AFD meta-network
+    a, meta_a = checkpoint.restore_raw_variables(str(tmp_path / 'single'), part)
+    b, meta_b = checkpoint.restore_raw_variables(str(tmp_path / 'multi'), part)
+    assert meta_a['step'] == meta_b['step'] == 3
+    assert jax.tree.structure(a) == jax.tree.structure(b) and jax.tree.leaves(a['params'])
+    diff = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)
+    assert max(jax.tree.leaves(diff)) <= 1e-5, (part, diff)  # params and batch statistics
   assert multi['eval']['count'] == single['eval']['count'] == 360
+  assert len(multi['state_sha256']) == 64  # the whole replicated state, hashed across processes
 
 
 @pytest.mark.parametrize('extra, message', [
