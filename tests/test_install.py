@@ -2,6 +2,7 @@
 dependency ranges (pyproject.toml) must be satisfied by the pinned set (requirements.txt) that
 this test environment has, and the installed package must import from outside the repository."""
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -29,6 +30,7 @@ def fresh_venv(tmp_path_factory):
 
 @pytest.mark.parametrize('editable', [False, True], ids=['install', 'editable'])
 def test_pip_install_in_a_fresh_venv(fresh_venv, tmp_path, editable):
+  had_build = (runs.REPO / 'build').exists()
   pip = [str(fresh_venv), '-m', 'pip', 'install', '--no-index', '--no-build-isolation', '-q',
          *(['-e'] if editable else []), f'{runs.REPO}[data,plot,test]']
   result = subprocess.run(pip, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -46,3 +48,5 @@ def test_pip_install_in_a_fresh_venv(fresh_venv, tmp_path, editable):
     assert 'site-packages' in location and not location.startswith(str(runs.REPO))
   subprocess.run([str(fresh_venv), '-m', 'pip', 'uninstall', '-y', '-q', 'afd_jax'], check=True,
                  capture_output=True, cwd=tmp_path)
+  if not had_build:  # setuptools builds in the source tree; leave the checkout as it was
+    shutil.rmtree(runs.REPO / 'build', ignore_errors=True)
