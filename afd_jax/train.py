@@ -177,6 +177,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
     teacher_vars = jax.device_put(
         checkpoint.load_teacher(config, teacher, info.num_classes, info.image_shape), rep)
 
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # processes > 0 (process 0 made it)
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints, config.keep_best)
   init_fn = step.jit_init_state(task, mesh, info.image_shape,
                                 jax.eval_shape(lambda: teacher_vars) if distil else None)

@@ -7,9 +7,11 @@ import subprocess
 import sys
 import tempfile
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from afd_jax import train
+from afd_jax import checkpoint, models
 from tests import runs
 
 
@@ -103,9 +105,17 @@ def test_workdir_that_cannot_be_written(digits_data_dir):
 
 
 def test_teacher_workdir_whose_checkpoints_are_all_unreadable(digits_data_dir, tmp_path):
+  # A teacher workdir as train.py writes it (two checkpoints), without training one.
   teacher = tmp_path / 'teacher'
-  train.train_and_evaluate(runs.tiny_config(digits_data_dir, run='student', num_train_steps=4,
-                                            checkpoint_every_steps=2), str(teacher))
+  variables = models.create('resnet8', 10).init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)),
+                                               train=False)
+  ckpt = checkpoint.Checkpoints(str(teacher), async_save=False)
+  for step in (2, 4):
+    ckpt.save(step, {'params': {'student': variables['params']},
+                     'batch_stats': {'student': variables['batch_stats']}, 'step': step},
+              {'fingerprint': {'student.name': 'resnet8', 'num_classes': 10}, 'step': step})
+  ckpt.close()
+  assert checkpoint.restore_raw_variables(str(teacher))[1]['step'] == 4  # readable before
   steps = sorted(p for p in (teacher / 'checkpoints').iterdir() if p.name.isdigit())
   assert len(steps) == 2
   for step_dir in steps:  # every array file of every checkpoint becomes garbage
