@@ -31,7 +31,8 @@ def namespace(d):
                                   for k, v in d.items()})
 
 
-def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128):
+def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128,
+                 teacher_options=None, student_options=None):
   """Official CIFAR-100 hyper-parameters; `ce`: student alone, `kd`: + Hinton KD,
   other methods: + KD + that feature loss at its default weight (distill.DEFAULT_FEATURE_WEIGHT).
 
@@ -41,7 +42,8 @@ def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128):
     raise ValueError(f'Unknown method {method!r}. Known methods: {", ".join(METHODS)}.')
   feature = method if method in distill.METHODS else 'none'
   return namespace({
-      'method': feature, 'teacher': {'name': teacher}, 'student': {'name': student},
+      'method': feature, 'teacher': {'name': teacher, **(teacher_options or {})},
+      'student': {'name': student, **(student_options or {})},
       'afd': {'qk_dim': qk_dim}, 'fitnet': {'student_tap': -1, 'teacher_tap': -1, 'relu': True},
       'num_epochs': 240,
       'loss': {'ce_weight': 1.0, 'kd_weight': 0.0 if method == 'ce' else 0.9,
@@ -58,10 +60,11 @@ class Case:
 
   def __init__(self, method, args, mesh):
     dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
-    config = bench_config(method, args.teacher, args.student, args.qk_dim)
+    config = bench_config(method, args.teacher, args.student, args.qk_dim,
+                          model_options(args, 'teacher'), model_options(args, 'student'))
     self.method = method
-    self.task = step.task_from_config(config, args.num_classes, 781, dtype)
     shape = (args.image_size, args.image_size, args.channels)
+    self.task = step.task_from_config(config, args.num_classes, 781, dtype, shape)
     rep = sharding.replicated(mesh)
     images = jnp.zeros((2,) + shape)
     self.teacher_vars = None
@@ -97,6 +100,15 @@ class Case:
         self.times.append(time.perf_counter() - start)
 
 
+def model_options(args, side: str) -> Dict[str, object]:
+  """`taps` and `kwargs` of `--teacher` / `--student` (for models from outside the zoo)."""
+  options = {'taps': getattr(args, f'{side}_taps', '') or ''}
+  kwargs = getattr(args, f'{side}_kwargs', '') or ''
+  if kwargs:
+    options['kwargs'] = json.loads(kwargs)
+  return options
+
+
 def flops_of(compiled) -> float:
   try:
     cost = compiled.cost_analysis()
@@ -120,8 +132,14 @@ def summarize(case: Case, batch: int) -> Dict[str, float]:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--teacher', default='wrn40x2', choices=models.names())
-  parser.add_argument('--student', default='wrn16x2', choices=models.names())
+  model_help = f'a zoo model ({", ".join(models.names())}) or package.module:factory'
+  parser.add_argument('--teacher', default='wrn40x2', help=model_help)
+  parser.add_argument('--student', default='wrn16x2', help=model_help)
+  for side in ('teacher', 'student'):
+    parser.add_argument(f'--{side}-taps', default='',
+                        help="'auto' or comma-separated module-path globs (default: the zoo's "
+                             "taps; auto for a factory)")
+    parser.add_argument(f'--{side}-kwargs', default='', help='JSON keyword arguments of a factory')
   parser.add_argument('--method', default='all',
                       help=f'all (= ce,kd,afd) or a comma-separated list of {",".join(METHODS)}')
   parser.add_argument('--batch', type=int, default=64)
@@ -137,6 +155,12 @@ def main(argv=None) -> int:
   parser.add_argument('--compare-dtypes', action='store_true',
                       help='also report the first step\'s loss terms in bfloat16 vs float32')
   args = parser.parse_args(argv)
+  for side in ('teacher', 'student'):
+    try:
+      models.check_name(getattr(args, side))
+      model_options(args, side)
+    except ValueError as e:  # json.JSONDecodeError is one
+      parser.error(f'--{side}: {e}')
   mesh = sharding.make_mesh((-1, 1))
   if args.batch % mesh.shape[sharding.DATA]:
     parser.error(f'--batch {args.batch} must divide by the {mesh.shape[sharding.DATA]} devices')
@@ -144,6 +168,14 @@ def main(argv=None) -> int:
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     parser.error(f'unknown method(s) {unknown}; choose from all, {", ".join(METHODS)}')
+  try:  # the models' taps (patterns that match nothing, a token grid that cannot be known)
+    step.task_from_config(bench_config('kd', args.teacher, args.student, args.qk_dim,
+                                       model_options(args, 'teacher'),
+                                       model_options(args, 'student')),
+                          args.num_classes, 781, jnp.float32,
+                          (args.image_size, args.image_size, args.channels))
+  except (ValueError, TypeError) as e:
+    parser.error(str(e))
   cases = [Case(m, args, mesh) for m in methods]
   for case in cases:
     case.run(args.warmup, record=False)

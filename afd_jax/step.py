@@ -50,14 +50,16 @@ def is_distillation(config) -> bool:
   return config.method != 'none' or config.loss.kd_weight > 0
 
 
-def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.float32) -> Task:
+def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.float32,
+                     image_shape=None) -> Task:
   """The Task a config describes (models, distiller, objective, optimizer and schedule).
 
   `config` needs attribute access only (an ml_collections ConfigDict, or namespaces in the
-  benchmark, which runs without ml_collections)."""
+  benchmark, which runs without ml_collections). `image_shape` (H, W, C) is needed for models
+  whose taps are found by tracing (`models.from_config`)."""
   distil = is_distillation(config)
-  student = models.create(config.student.name, num_classes, dtype=dtype)
-  teacher = models.create(config.teacher.name, num_classes, dtype=dtype) if distil else None
+  student = models.from_config(config.student, num_classes, dtype, image_shape)
+  teacher = models.from_config(config.teacher, num_classes, dtype, image_shape) if distil else None
   distiller = distill.create(config.method, config, student.taps(),
                              teacher.taps() if teacher else ())
   schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, config.num_epochs)

@@ -48,8 +48,10 @@ def validate(config) -> None:
   distil = step.is_distillation(config)
   names = [config.student.name] + ([config.teacher.name] if distil else [])
   for name in names:
-    if name not in models.names():
-      raise UserError(f'Unknown model {name!r}. Known models: {", ".join(models.names())}.')
+    try:
+      models.check_name(name)
+    except ValueError as e:
+      raise UserError(str(e)) from None
   if config.dtype not in DTYPES:
     raise UserError(f'dtype must be one of {", ".join(DTYPES)}, got {config.dtype!r}.')
   for key in ('batch_size', 'eval_batch_size'):
@@ -154,7 +156,11 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   steps_per_epoch = data.steps_per_epoch(config, info, jax.process_count())
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(round(config.num_epochs * steps_per_epoch)))
-  task = step.task_from_config(config, info.num_classes, steps_per_epoch, DTYPES[config.dtype])
+  try:
+    task = step.task_from_config(config, info.num_classes, steps_per_epoch, DTYPES[config.dtype],
+                                 info.image_shape)
+  except (ValueError, TypeError) as e:  # a factory's kwargs, taps that match nothing, a grid
+    raise UserError(str(e)) from None
   if config.debug_nan_at_step > 0:
     task = dataclasses.replace(task, nan_at_step=config.debug_nan_at_step)
   student, teacher = task.student, task.teacher
@@ -317,6 +323,9 @@ def save_attention(workdir, step_count, mean_attention, student, teacher, config
   folder.mkdir(parents=True, exist_ok=True)
   with (folder / f'{step_count:08d}.npy').open('wb') as f:
     np.save(f, mean_attention)
+  checkpoint.write_json(str(folder / 'taps.json'),
+                        {'teacher': [t.name for t in teacher.taps()],
+                         'student': [t.name for t in student.taps()]})
   logging.info('mean attention at step %d (T x S):\n%s', step_count,
                np.array2string(mean_attention, precision=2, max_line_width=200))
   if config.plot_attention:

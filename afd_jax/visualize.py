@@ -51,11 +51,23 @@ def saved_attention(workdir: str):
   return np.load(files[-1]), int(os.path.basename(files[-1])[:-4])
 
 
+def tap_names(workdir: str, config):
+  """(teacher, student) tap names: saved beside the attention, else from the zoo's models."""
+  path = os.path.join(workdir, 'attention', 'taps.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      names = json.load(f)
+    return names['teacher'], names['student']
+  task = step.task_from_config(config, 1, 1)
+  return [t.name for t in task.teacher.taps()], [t.name for t in task.student.taps()]
+
+
 def checkpoint_attention(workdir: str, config):
   """Mean attention over the eval split, from the latest checkpoint (inference mode)."""
   mesh = sharding.make_mesh(config.mesh_shape)
   info = data.dataset_info(config, process_count=jax.process_count())
-  task = step.task_from_config(config, info.num_classes, 1, train.DTYPES[config.dtype])
+  task = step.task_from_config(config, info.num_classes, 1, train.DTYPES[config.dtype],
+                               info.image_shape)
   teacher_vars = checkpoint.load_teacher(config, task.teacher, info.num_classes, info.image_shape)
   rep = sharding.replicated(mesh)
   init = step.jit_init_state(task, mesh, info.image_shape, jax.eval_shape(lambda: teacher_vars))
@@ -93,18 +105,18 @@ def main(argv):
   workdir = flags.FLAGS.workdir
   try:
     config = load_config(workdir)
-    task = step.task_from_config(config, 1, 1)
     if flags.FLAGS.from_checkpoint:
       attention, step_count, task = checkpoint_attention(workdir, config)
       source = f'checkpoint at step {step_count}, eval split'
+      t_names = [t.name for t in task.teacher.taps()]
+      s_names = [t.name for t in task.student.taps()]
     else:
       attention, step_count = saved_attention(workdir)
       source = f'saved at step {step_count}'
+      t_names, s_names = tap_names(workdir, config)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  t_names = [t.name for t in task.teacher.taps()]
-  s_names = [t.name for t in task.student.taps()]
   out = flags.FLAGS.out or os.path.join(workdir, 'attention.png')
   viz.plot_attention(attention, t_names, s_names, out,
                      title=f'{config.teacher.name} -> {config.student.name} ({source})')

@@ -18,6 +18,15 @@ def parse_arg(arg: str, defaults: Dict[str, str], file: str) -> Dict[str, str]:
   return values
 
 
+def _model_options(section: ml_collections.ConfigDict) -> None:
+  """Fields for any Flax model (`name` = 'package.module:factory'); see afd_jax/models/tapping.py."""
+  section.kwargs = ml_collections.ConfigDict()  # keyword arguments of a factory
+  section.taps = ''              # '' = the zoo's own taps ('auto' for a factory) | 'auto' |
+                                 # comma-separated globs over module paths, e.g. 'layer*'
+  section.prefix_tokens = -1     # token taps: class/register tokens to drop; -1 = from the model
+  section.token_grid = ()        # token taps: (h, w); () = from the image's patch grid or sqrt(N)
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = 'afd'                 # a label for logs and summary.json
@@ -46,11 +55,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.name = 'wrn40x2'
   c.teacher.checkpoint = ''      # our run's workdir (Orbax) or a PyTorch .pth; '' = no teacher
+  _model_options(c.teacher)
 
   c.student = ml_collections.ConfigDict()
   c.student.name = 'wrn16x2'
   c.student.init_checkpoint = ''  # start from these weights (our workdir or a .pth); a classifier
                                  # of another class count is re-initialised (transfer learning)
+  _model_options(c.student)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.ce_weight = 1.0

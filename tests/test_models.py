@@ -142,7 +142,7 @@ def test_unknown_model_lists_the_known_ones():
 
 @pytest.mark.parametrize('kwargs, message', [
     ({'num_classes': 0}, 'positive integer'),
-    ({'num_classes': 10, 'width': 2}, 'Unknown option'),
+    ({'num_classes': 10, 'kwargs': {'width': 2}}, 'zoo model: it takes no kwargs'),
 ])
 def test_bad_arguments(kwargs, message):
   with pytest.raises(ValueError, match=message):

@@ -1,17 +1,23 @@
-"""Model zoo: `create(name, num_classes)` -> a linen module returning `(logits, features)`.
+"""Models: `create(name, num_classes)` -> a module returning `(logits, features)`.
 
 `module.apply(variables, images, train)` takes `B x H x W x C` images (any size and channel
 count the architecture admits) and returns float32 logits and a tuple of channels-last feature
 taps (see AFD_SPEC.md); `module.taps()` names them. Variables: `{'params', 'batch_stats'}`.
+
+`name` is a zoo name (`names()`) or `'package.module:factory'`, a callable returning any linen
+module whose `__call__(images, train)` returns logits; its taps are found by `tapping.tap`.
 """
 import functools
-from typing import Dict, List
+import importlib
+import inspect
+from typing import Any, Dict, List, Optional, Sequence
 
 import flax.linen as nn
 
 from afd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from afd_jax.models.resnet_cifar import CifarResNet
 from afd_jax.models.taps import Tap, stage_final
+from afd_jax.models.tapping import Tapped, tap
 from afd_jax.models.vgg import CONFIGS as VGG_CONFIGS
 from afd_jax.models.vgg import VGG
 from afd_jax.models.wrn import WideResNet
@@ -39,17 +45,101 @@ def names() -> List[str]:
   return sorted(_REGISTRY)
 
 
-def create(name: str, num_classes: int, **options) -> nn.Module:
-  """Builds model `name` with `num_classes` outputs; `options`: `dtype` (activations)."""
-  if name not in _REGISTRY:
-    raise ValueError(f'Unknown model {name!r}. Known models: {", ".join(names())}.')
+def is_factory(name: str) -> bool:
+  """Is `name` a `'package.module:factory'` reference rather than a zoo name?"""
+  return ':' in name
+
+
+def load_factory(name: str):
+  """The callable that `'package.module:factory'` names; ValueError if it cannot be imported."""
+  module_name, _, attr = name.partition(':')
+  try:
+    target = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(f'model {name!r}: cannot import {module_name!r} ({e}).') from None
+  for part in attr.split('.'):
+    if not hasattr(target, part):
+      raise ValueError(f'model {name!r}: {module_name!r} has no {attr!r}.')
+    target = getattr(target, part)
+  if not callable(target):
+    raise ValueError(f'model {name!r}: {attr!r} is not callable.')
+  return target
+
+
+def check_name(name: str) -> None:
+  """ValueError naming the problem if `name` is neither a zoo name nor an importable factory."""
+  if is_factory(name):
+    load_factory(name)
+  elif name not in _REGISTRY:
+    raise ValueError(f'Unknown model {name!r}. Known models: {", ".join(names())}, or '
+                     "'package.module:factory'.")
+
+
+def _accepts(fn, arg: str) -> bool:
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  return arg in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+
+
+def create(name: str, num_classes: int, *, dtype: Optional[Any] = None,
+           taps: Optional[Any] = None, kwargs: Optional[Dict[str, Any]] = None,
+           prefix_tokens: Optional[int] = None, grid: Optional[Sequence[int]] = None,
+           image_shape: Optional[Sequence[int]] = None):
+  """Builds model `name` with `num_classes` outputs.
+
+  Args:
+    name: a zoo name or `'package.module:factory'`.
+    num_classes: classifier outputs (passed to a factory that takes `num_classes`).
+    dtype: activation dtype (passed to a factory that takes `dtype`).
+    taps: None (the zoo's own taps; `'auto'` for a factory), `'auto'`, or module-path patterns.
+    kwargs: keyword arguments for a factory.
+    prefix_tokens, grid: how token taps become maps (see `tapping`).
+    image_shape: (H, W, C); needed to find taps by tracing (a factory, or `taps` on a zoo model).
+  """
   if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
     raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}.')
-  unknown = set(options) - {'dtype'}
-  if unknown:
-    raise ValueError(f'Unknown option(s) {sorted(unknown)} for model {name!r}; '
-                     'accepted: dtype.')
-  return _REGISTRY[name](num_classes=num_classes, **options)
+  check_name(name)
+  if not is_factory(name):
+    if kwargs:
+      raise ValueError(f'model {name!r} is a zoo model: it takes no kwargs, got {dict(kwargs)}.')
+    module = _REGISTRY[name](num_classes=num_classes, dtype=dtype)
+    if taps is None:
+      return module
+  else:
+    factory, kwargs = load_factory(name), dict(kwargs or {})
+    for key, value in (('num_classes', num_classes), ('dtype', dtype)):
+      if key not in kwargs and _accepts(factory, key) and (value is not None or key != 'dtype'):
+        kwargs[key] = value
+    module = factory(**kwargs)
+    if not isinstance(module, nn.Module):
+      raise ValueError(f'model {name!r} returned a {type(module).__name__}, not a flax.linen '
+                       'Module (an NNX module enters through flax.nnx.bridge.to_linen).')
+  return tap(module, 'auto' if taps is None else taps, prefix_tokens=prefix_tokens,
+             grid=grid, image_shape=image_shape)
 
 
-__all__ = ['create', 'names', 'Tap', 'stage_final']
+def from_config(section, num_classes: int, dtype=None, image_shape=None):
+  """The model a config section describes (`name`, and for any model `taps`; for a factory
+  `kwargs`; for token taps `prefix_tokens` (-1: from the model) and `token_grid` (() = infer)).
+
+  `taps` is '' (the zoo's own taps; 'auto' for a factory), 'auto', or comma-separated patterns.
+  Works on ConfigDicts and on plain namespaces that have only `name`."""
+  taps = getattr(section, 'taps', '') or None
+  if isinstance(taps, str) and taps != 'auto':
+    taps = tuple(p.strip() for p in taps.split(',') if p.strip())
+  kwargs = getattr(section, 'kwargs', None)
+  if kwargs is not None and not isinstance(kwargs, dict):  # ConfigDict, or a namespace
+    kwargs = kwargs.to_dict() if hasattr(kwargs, 'to_dict') else vars(kwargs)
+  kwargs = dict(kwargs) if kwargs else None
+  prefix = getattr(section, 'prefix_tokens', -1)
+  grid = tuple(getattr(section, 'token_grid', ()) or ()) or None
+  if (is_factory(section.name) or taps is not None) and image_shape is None:
+    raise ValueError(f'model {section.name!r} with taps found by tracing needs the image shape.')
+  return create(section.name, num_classes, dtype=dtype, taps=taps, kwargs=kwargs,
+                prefix_tokens=None if prefix is None or prefix < 0 else prefix, grid=grid,
+                image_shape=image_shape)
+
+
+__all__ = ['from_config', 'create', 'names', 'check_name', 'is_factory', 'Tap', 'Tapped', 'stage_final', 'tap']
