@@ -2,8 +2,13 @@
 import os
 import tempfile
 
+# XLA's CPU compiles dominate the suite's time; LLVM at -O0 halves them. The programs compute
+# the same operations (tolerances are unchanged); only the machine code is less optimised.
+# AFD_TEST_XLA_OPT=1 restores XLA's default optimisation to check the suite under it.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+                           ' --xla_force_host_platform_device_count=8' +
+                           ('' if os.environ.get('AFD_TEST_XLA_OPT') == '1'
+                            else ' --xla_backend_optimization_level=0')).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # XLA's CPU compiles dominate the suite's time; a persistent compilation cache, fresh for each

@@ -1,5 +1,6 @@
 """Checkpointing and fault tolerance: round trip, exact resume after SIGKILL/SIGTERM and a killed
 async save, the divergence guard, teachers from checkpoints, and bad input losing nothing."""
+import json
 import os
 import re
 import shutil
@@ -25,9 +26,14 @@ PREVIOUS = STEPS - 5
 DEVICES = 1  # the CLI runs use one device: exactness holds for a fixed device count
 
 
+# The student of these CLI runs is a model defined in a test file, not in afd_jax, with its taps
+# found by 'auto' (bring-your-own-model); the teacher is the zoo's resnet8.
+BYO_STUDENT = {'student__name': 'tests.byo_models:tiny_convnet', 'student__taps': 'auto'}
+
+
 def run_args(data_dir, **overrides):
   return runs.flag_args(data_dir, num_train_steps=STEPS,
-                        dataset__train_subset=32 * STEPS_PER_EPOCH, **overrides)
+                        dataset__train_subset=32 * STEPS_PER_EPOCH, **{**BYO_STUDENT, **overrides})
 
 
 def run_until_step(args, workdir, stop_at, sig):
@@ -69,9 +75,24 @@ def test_round_trip_of_the_full_state_on_8_devices(tmp_path, monkeypatch, relati
 def reference(digits_data_dir, tmp_path_factory):
   """An uninterrupted run: its workdir and summary."""
   workdir = tmp_path_factory.mktemp('reference')
-  result = runs.cli(run_args(digits_data_dir), workdir=str(workdir), check=True, devices=DEVICES)
+  result = runs.cli(run_args(digits_data_dir, plot_attention=True), workdir=str(workdir),
+                    check=True, devices=DEVICES)
   assert f'{STEPS_PER_EPOCH} steps/epoch, {STEPS} steps' in result.stdout
   return workdir, runs.summary(workdir)
+
+
+def test_a_model_from_a_test_file_trains_as_the_student_with_auto_taps(reference):
+  """`python -m afd_jax.main --config.student.name=tests.byo_models:tiny_convnet
+  --config.student.taps=auto`: trained, checkpointed, summary.json and the attention plot, labelled
+  with the taps found (its kill-and-resume exactness: the tests below)."""
+  workdir, summary = reference
+  assert summary['final_step'] == STEPS and summary['eval']['count'] == 360
+  assert checkpoint.Checkpoints(str(workdir), create=False).steps()[-1] == STEPS
+  names = json.loads((workdir / 'attention' / 'taps.json').read_text())
+  assert names == {'student': [f'stage{s}_block{i}' for s in (0, 1) for i in (0, 1)],
+                   'teacher': ['layer1.0', 'layer2.0', 'layer3.0']}
+  assert np.load(workdir / 'attention' / f'{STEPS:08d}.npy').shape == (3, 4)
+  assert (workdir / 'attention.png').stat().st_size > 1000
 
 
 # Where each signal lands: SIGKILL in epoch 0 between two periodic checkpoints (steps 5 and 10),
@@ -199,10 +220,10 @@ def finished_run(reference, tmp_path):
                                   'corrupt_latest'])
 def test_bad_input_leaves_checkpoints_byte_identical(digits_data_dir, finished_run, tmp_path, case,
                                                      capsys):
-  config = runs.tiny_config(digits_data_dir, num_train_steps=STEPS)
+  config = runs.tiny_config(digits_data_dir, num_train_steps=STEPS, **BYO_STUDENT)
   if case == 'changed_config':
     config.student.name = 'resnet14'
-    expected = "student.name: checkpoint has 'resnet8', config has 'resnet14'"
+    expected = "student.name: checkpoint has 'tests.byo_models:tiny_convnet', config has 'resnet14'"
   elif case == 'wrong_teacher_shapes':
     config.teacher.checkpoint = str(bad_pth(tmp_path, 'resnet14', 10))
     expected = 'unexpected entries: layer1.1.bn1.bias'
