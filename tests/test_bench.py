@@ -17,7 +17,7 @@ RUN_WITHOUT = (
 
 def bench(*args):
   result = subprocess.run([sys.executable, '-c', RUN_WITHOUT, *args], capture_output=True,
-                          text=True, timeout=300, env=runs.env(1), cwd=runs.REPO)
+                          text=True, timeout=300, env=runs.env(), cwd=runs.REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
 

@@ -17,6 +17,10 @@ TORCH_PARAMETER_COUNTS = {
     'wrn28x2': 1479220, 'wrn40x1': 569780, 'wrn40x2': 2255156, 'resnet18': 11220132,
     'resnet34': 21328292, 'resnet18im': 11227812, 'resnet34im': 21335972,
     'resnet50im': 23712932, 'vgg8': 3965028, 'vgg13': 9462180,
+    # ViTs, timm's layout with 100 classes: timm's vit_{tiny,small,base}_patch16_224 have
+    # 5,717,416 / 22,050,664 / 86,567,656 parameters with 1000 (the head is dim x classes +
+    # classes); vit_mini4 by the same count (patch 4, dim 192, depth 6, MLP 384, 8x8 grid).
+    'vit_ti16': 5543716, 'vit_s16': 21704164, 'vit_b16': 85875556, 'vit_mini4': 1823908,
 }
 
 
@@ -40,6 +44,9 @@ EXPECTED_TAPS = {
     'resnet50im': stage(3, 256, 56) + stage(4, 512, 28) + stage(6, 1024, 14) + stage(3, 2048, 7),
     'vgg8': [(32, 32, 64), (16, 16, 128), (8, 8, 256), (4, 4, 512), (4, 4, 512)],
     'vgg13': stage(2, 64, 32) + stage(2, 128, 16) + stage(2, 256, 8) + stage(4, 512, 4),
+    # ViTs at 32x32: every block's patch tokens as a grid (2x2 for 16-pixel patches).
+    'vit_ti16': stage(12, 192, 2), 'vit_s16': stage(12, 384, 2), 'vit_b16': stage(12, 768, 2),
+    'vit_mini4': stage(6, 192, 8),
 }
 
 

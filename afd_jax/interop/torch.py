@@ -15,6 +15,7 @@ import numpy as np
 
 from afd_jax import models
 from afd_jax.distill import AFD
+from afd_jax.interop import vit as vit_interop
 from afd_jax.models.resnet import ResNet
 from afd_jax.models.resnet_cifar import CifarResNet
 from afd_jax.models.vgg import VGG
@@ -184,6 +185,8 @@ def to_state_dict(name: str, variables) -> Dict[str, np.ndarray]:
   """
   if name == 'afd':
     segment = _afd_segment
+  elif name in models.VIT_NAMES:
+    return vit_interop.to_state_dict(variables)
   else:
     segment = _model_segment(models.create(name, 1))
   return {_torch_key(path, segment): _to_torch_layout(path[-1].key, np.asarray(leaf))
@@ -202,6 +205,8 @@ def convert(name: str, state_dict: Mapping[str, Any]):
   if name not in models.names():
     raise ValueError(f'Unknown model {name!r}. Known models: {", ".join(models.names())}, '
                      'or "afd" for the AFD module.')
+  if name in models.VIT_NAMES:  # timm's or transformers' names
+    return vit_interop.convert(name, sd)
   return _convert_model(name, sd)
 
 
@@ -238,6 +243,21 @@ def read_state_dict(path: str) -> Dict[str, Any]:
   return dict(obj)
 
 
+def read_safetensors(path: str) -> Dict[str, Any]:
+  """A `.safetensors` file's tensors (the format holds no code)."""
+  try:
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('Reading .safetensors needs the safetensors package: pip install '
+                      'safetensors.') from e
+  try:
+    return dict(load_file(path))
+  except Exception as e:  # pylint: disable=broad-except  (the library raises its own types)
+    raise ValueError(f'not a safetensors file ({_first_line(e)}).') from None
+
+
 def load(name: str, path: str):
-  """`convert(name, state_dict read from the .pth at path)`."""
+  """`convert(name, state_dict)` read from `path`: a `.pth` or a `.safetensors` file."""
+  if str(path).endswith('.safetensors'):
+    return convert(name, read_safetensors(path))
   return convert(name, read_state_dict(path))

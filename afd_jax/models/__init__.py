@@ -20,6 +20,8 @@ from afd_jax.models.taps import Tap, stage_final
 from afd_jax.models.tapping import Tapped, tap
 from afd_jax.models.vgg import CONFIGS as VGG_CONFIGS
 from afd_jax.models.vgg import VGG
+from afd_jax.models.vit import CONFIGS as VIT_CONFIGS
+from afd_jax.models.vit import ViT
 from afd_jax.models.wrn import WideResNet
 
 _p = functools.partial
@@ -37,7 +39,11 @@ _REGISTRY: Dict[str, functools.partial] = {
     'resnet50im': _p(ResNet, stage_sizes=(3, 4, 6, 3), block=Bottleneck, imagenet_stem=True),
     'vgg8': _p(VGG, blocks=VGG_CONFIGS['S']),
     'vgg13': _p(VGG, blocks=VGG_CONFIGS['B']),
+    **{name: _p(ViT, **options) for name, options in VIT_CONFIGS.items()},
 }
+
+
+VIT_NAMES = tuple(VIT_CONFIGS)
 
 
 def names() -> List[str]:

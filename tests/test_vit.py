@@ -1,0 +1,139 @@
+"""The zoo's ViTs equal a PyTorch ViT: transformers' ViTForImageClassification (random weights,
+nothing downloaded), imported by name, and the same weights in timm's names.
+
+transformers and torch are optional test dependencies (launch/setup.sh installs both CPU-only);
+without them the parity tests skip and say so."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from afd_jax import models
+from afd_jax.interop import torch as torch_interop
+from afd_jax.models import vit
+
+SIZES = {'vit_ti16': (192, 12, 3, 768, 16), 'vit_s16': (384, 12, 6, 1536, 16),
+         'vit_mini4': (192, 6, 3, 384, 4)}
+
+
+def hugging_face_vit(name, num_classes, base_size):
+  torch = pytest.importorskip('torch', reason='torch is optional; CI installs the CPU build')
+  transformers = pytest.importorskip(
+      'transformers', reason='transformers is an optional test dependency (launch/setup.sh)')
+  dim, depth, heads, mlp, patch = SIZES[name]
+  config = transformers.ViTConfig(
+      hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp,
+      patch_size=patch, image_size=base_size, num_channels=3, num_labels=num_classes,
+      layer_norm_eps=1e-6, hidden_act='gelu', hidden_dropout_prob=0.0,
+      attention_probs_dropout_prob=0.0, qkv_bias=True)
+  torch.manual_seed(0)
+  model = transformers.ViTForImageClassification(config).eval()
+  with torch.no_grad():  # every weight and bias non-trivial, so that a mix-up shows
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  return model
+
+
+# (model, image size): 224 as trained, other sizes through the resized position embeddings.
+CASES = [('vit_s16', 224), ('vit_ti16', 160), ('vit_mini4', 28)]
+
+
+@pytest.mark.parametrize('name, size', CASES, ids=[f'{n}_{s}' for n, s in CASES])
+def test_logits_and_every_tap_equal_transformers_vit(name, size):
+  torch = pytest.importorskip('torch', reason='torch is optional; CI installs the CPU build')
+  model_pt = hugging_face_vit(name, 10, models.create(name, 10).image_size)
+  images = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
+  with torch.no_grad():
+    out = model_pt(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
+                   output_hidden_states=True, interpolate_pos_encoding=True)
+  state_dict = {k: v.numpy() for k, v in model_pt.state_dict().items()}
+  grid = size // SIZES[name][4]
+  want_taps = [h.numpy()[:, 1:].reshape(2, grid, grid, -1) for h in out.hidden_states[1:]]
+  timm = timm_names(state_dict)
+  model = models.create(name, 10)
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  for layout, sd in (('transformers 5', state_dict), ('transformers 4', transformers4_names(
+      state_dict)), ('timm', timm)):
+    logits, taps = apply(torch_interop.convert(name, sd), jnp.asarray(images))
+    for got, want in zip([logits, *taps], [out.logits.numpy(), *want_taps], strict=True):
+      scale = float(np.abs(want).max())
+      np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4 * scale,
+                                 err_msg=f'{name} at {size}, {layout} names')
+
+
+def timm_names(hf):
+  """transformers 5's ViT names -> timm's, written out from timm's vision_transformer.py
+  (`VisionTransformer`: patch_embed.proj, cls_token, pos_embed, blocks.{i}.{norm1, attn.qkv,
+  attn.proj, norm2, mlp.fc1, mlp.fc2}, norm, head) independently of afd_jax's importer."""
+  out = {'cls_token': hf['vit.embeddings.cls_token'],
+         'pos_embed': hf['vit.embeddings.position_embeddings'],
+         'patch_embed.proj.weight': hf['vit.embeddings.patch_embeddings.projection.weight'],
+         'patch_embed.proj.bias': hf['vit.embeddings.patch_embeddings.projection.bias'],
+         'norm.weight': hf['vit.layernorm.weight'], 'norm.bias': hf['vit.layernorm.bias'],
+         'head.weight': hf['classifier.weight'], 'head.bias': hf['classifier.bias']}
+  for i in range(depth_of(hf)):
+    h, t = f'vit.layers.{i}.', f'blocks.{i}.'
+    for leaf in ('weight', 'bias'):
+      out[t + 'norm1.' + leaf] = hf[h + 'layernorm_before.' + leaf]
+      out[t + 'attn.qkv.' + leaf] = np.concatenate(
+          [hf[f'{h}attention.{p}_proj.{leaf}'] for p in 'qkv'])
+      out[t + 'attn.proj.' + leaf] = hf[h + 'attention.o_proj.' + leaf]
+      out[t + 'norm2.' + leaf] = hf[h + 'layernorm_after.' + leaf]
+      out[t + 'mlp.fc1.' + leaf] = hf[h + 'mlp.fc1.' + leaf]
+      out[t + 'mlp.fc2.' + leaf] = hf[h + 'mlp.fc2.' + leaf]
+  return out
+
+
+def transformers4_names(hf):
+  """transformers 5's ViT names -> 4.x's (what ViT files on the Hub hold), from 4.x's
+  modeling_vit.py (ViTLayer: attention.attention.{query,key,value}, attention.output.dense,
+  intermediate.dense, output.dense, layernorm_before/after under vit.encoder.layer.{i})."""
+  parts = {'attention.q_proj': 'attention.attention.query',
+           'attention.k_proj': 'attention.attention.key',
+           'attention.v_proj': 'attention.attention.value',
+           'attention.o_proj': 'attention.output.dense', 'mlp.fc1': 'intermediate.dense',
+           'mlp.fc2': 'output.dense'}
+  out = {}
+  for key, value in hf.items():
+    if key.startswith('vit.layers.'):
+      i, rest = key[len('vit.layers.'):].split('.', 1)
+      part, leaf = rest.rsplit('.', 1)
+      key = f'vit.encoder.layer.{i}.{parts.get(part, part)}.{leaf}'
+    out[key] = value
+  return out
+
+
+def depth_of(hf):
+  return 1 + max(int(k.split('.')[2]) for k in hf if k.startswith('vit.layers.'))
+
+
+def test_position_embeddings_resize_like_torch_bicubic():
+  torch = pytest.importorskip('torch', reason='torch is optional; CI installs the CPU build')
+  grid = np.random.default_rng(1).normal(size=(1, 8, 8, 5)).astype(np.float32)
+  for height, width in ((7, 7), (10, 6), (8, 8)):
+    want = torch.nn.functional.interpolate(
+        torch.from_numpy(grid.transpose(0, 3, 1, 2)), size=(height, width), mode='bicubic',
+        align_corners=False).numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(vit.resize_position_grid(jnp.asarray(grid), height, width))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_timm_state_dict_of_another_size_is_one_clear_error():
+  small = torch_interop.to_state_dict('vit_mini4', models.create('vit_mini4', 10).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  assert 'blocks.5.attn.qkv.weight' in small and small['blocks.5.attn.qkv.weight'].shape == (576, 192)
+  with pytest.raises(ValueError) as error:
+    torch_interop.convert('vit_s16', small)
+  message = str(error.value)
+  assert '\n' not in message
+  assert message.startswith("timm state_dict does not fit model 'vit_s16' (10 classes): missing "
+                            'entries: blocks.10.attn.proj.bias')
+  assert 'wrongly shaped entries: blocks.0.attn.proj.bias (192,), expected (384,)' in message
+
+
+def test_tokens_of_a_size_that_does_not_divide_by_the_patch_are_refused():
+  model = models.create('vit_mini4', 10)
+  with pytest.raises(ValueError, match='must divide by the patch size 4'):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 30, 30, 3)),
+                                      train=False))
