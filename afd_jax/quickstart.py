@@ -23,6 +23,7 @@ from afd_jax.errors import UserError
 _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/quickstart', 'Root folder of the runs.')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds to run; more than one adds mean +- std.')
 _REPORT = flags.DEFINE_string('report', '', 'Also write the table as Markdown to this file.')
+_STUDENT = flags.DEFINE_string('student', 'resnet8', 'The student model (e.g. vit_mini4).')
 
 class Preempted(Exception):
   """A run stopped early on SIGTERM (its checkpoint is saved)."""
@@ -45,7 +46,7 @@ def run_dir(root: str, run: str, seed: str, many: bool) -> str:
   return os.path.join(root, f'{run}-s{seed}' if many else run)
 
 
-def run_all(root: str, seeds: List[str]) -> Dict[str, List[dict]]:
+def run_all(root: str, seeds: List[str], student: str = 'resnet8') -> Dict[str, List[dict]]:
   """{run: [summary per seed]} for the three student runs."""
   from configs import quickstart  # pylint: disable=g-import-not-at-top  (run from the repo root)
   if not os.path.exists(quickstart.TEACHER_CHECKPOINT):
@@ -59,7 +60,7 @@ def run_all(root: str, seeds: List[str]) -> Dict[str, List[dict]]:
       if summary:
         print(f'== {run} (seed {seed}): reusing {workdir}', flush=True)
       else:
-        config = quickstart.get_config(f'{run},seed={seed}')
+        config = quickstart.get_config(f'{run},seed={seed},student={student}')
         print(f'== {run} (seed {seed}): {config.name} -> {workdir}', flush=True)
         summary = train.train_and_evaluate(config, workdir)
         if summary['status'] != 'finished':  # SIGTERM: stop here; rerunning resumes
@@ -75,13 +76,15 @@ def _cell(values: List[float]) -> str:
   return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
 
 
-def table(results: Dict[str, List[dict]]) -> str:
+def table(results: Dict[str, List[dict]], student: str = 'resnet8') -> str:
   teacher = [s['teacher_eval']['top1'] for s in results['kd']]
   rows = [('teacher (shipped)', 'resnet20', teacher[:1])]
-  rows += [(LABELS[run], 'resnet8', [s['eval']['top1'] for s in summaries])
+  rows += [(LABELS[run], student, [s['eval']['top1'] for s in summaries])
            for run, summaries in results.items()]
-  lines = ['| run               | model    | top-1 (%) |', '|---|---|---|']
-  lines += [f'| {label:17s} | {model:8s} | {_cell(values):>9s} |' for label, model, values in rows]
+  width = max(8, len(student))
+  lines = [f'| run               | {"model":{width}s} | top-1 (%) |', '|---|---|---|']
+  lines += [f'| {label:17s} | {model:{width}s} | {_cell(values):>9s} |'
+            for label, model, values in rows]
   return '\n'.join(lines)
 
 
@@ -91,14 +94,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   root, seeds = _WORKDIR.value, _SEEDS.value
   try:
-    results = run_all(root, seeds)
+    results = run_all(root, seeds, _STUDENT.value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except Preempted as e:
     print(f'preempted: {e}', file=sys.stderr)
     sys.exit(train.PREEMPTED_EXIT_CODE)
-  text = table(results)
+  text = table(results, _STUDENT.value)
   print('\n' + text)
   if len(seeds) > 1:
     print(f'(mean ± std over seeds {",".join(seeds)}; top-1 on the 10,000 test images)')

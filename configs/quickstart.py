@@ -30,22 +30,24 @@ TEACHER_SUBSET, STUDENT_SUBSET = 20000, 2000
 
 
 def get_config(arg: str = 'afd'):
-  """`arg`: a run name (RUNS), optionally followed by `,seed=S`."""
+  """`arg`: a run name (RUNS), optionally followed by `,seed=S` and `,student=NAME` (another
+  student, e.g. `vit_mini4` for CNN -> ViT distillation; default resnet8)."""
   run, _, rest = (arg or 'afd').partition(',')
-  a = parse_arg(rest, {'seed': '0'}, 'quickstart.py:<run>')
+  a = parse_arg(rest, {'seed': '0', 'student': 'resnet8'}, 'quickstart.py:<run>')
   if run not in RUNS:
     raise ValueError(f'quickstart.py takes one of {", ".join(RUNS)} (then ,seed=S), got {run!r}.')
   c = methods.get_config({'teacher': 'none', 'student': 'none'}.get(run, run))
   if run == 'kd':  # AFD's logit weights, so that KD and AFD differ only by AFD's feature term
     c.loss.ce_weight, c.loss.kd_weight = 1.0, 0.9
-  c.name = f'quickstart-{run}' + (f'-s{a["seed"]}' if a['seed'] != '0' else '')
+  c.name = (f'quickstart-{run}' + (f'-{a["student"]}' if a['student'] != 'resnet8' else '')
+            + (f'-s{a["seed"]}' if a['seed'] != '0' else ''))
   c.seed = int(a['seed'])
   c.dataset.name = 'fashion_mnist_local'
   c.dataset.mean, c.dataset.std = stats.FASHION_MNIST_MEAN, stats.FASHION_MNIST_STD
   c.dataset.crop_padding = 2
   c.teacher.name = 'resnet20'
   c.teacher.checkpoint = TEACHER_CHECKPOINT if run in ('kd', 'afd') else ''
-  c.student.name = 'resnet20' if run == 'teacher' else 'resnet8'
+  c.student.name = 'resnet20' if run == 'teacher' else a['student']
   c.dataset.train_subset = TEACHER_SUBSET if run == 'teacher' else STUDENT_SUBSET
   c.num_epochs = 8
   c.batch_size, c.eval_batch_size = 128 if run == 'teacher' else 64, 1000
