@@ -98,8 +98,8 @@ def tiny_vit(num_classes: int, dim: int = 16, depth: int = 3) -> nn.Module:
 class NnxConvNet(nnx.Module):
   """An NNX model that sows its blocks' outputs (how NNX exposes intermediates)."""
 
-  def __init__(self, num_classes: int, *, rngs: nnx.Rngs):
-    self.conv1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+  def __init__(self, num_classes: int, channels: int, *, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(channels, 8, (3, 3), rngs=rngs)
     self.conv2 = nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)
     self.head = nnx.Linear(16, num_classes, rngs=rngs)
 
@@ -113,9 +113,9 @@ class NnxConvNet(nnx.Module):
     return self.head(x.mean(axis=(1, 2)))
 
 
-def nnx_convnet(num_classes: int) -> nn.Module:
+def nnx_convnet(num_classes: int, channels: int = 1) -> nn.Module:
   """The NNX model as a linen module, through Flax's bridge."""
-  return bridge.to_linen(NnxConvNet, num_classes)
+  return bridge.to_linen(NnxConvNet, num_classes, channels)
 
 
 def not_a_module(num_classes: int):
