@@ -1,10 +1,13 @@
 """Benchmark of the training step on synthetic data: the very step the trainer runs.
 
   python -m afd_jax.bench --teacher wrn40x2 --student wrn16x2 --batch 64 --method all \
-      --dtype float32 --steps 30 [--json]
+      --dtype float32 --steps 30 [--bn-group-size 8] [--devices 8] [--json]
 
 Prints compile time, median step time, images/s, XLA's FLOPs per step and achieved TFLOP/s,
-and peak device memory where the backend reports it. `--method all` times ce, kd and afd in
+the collectives of the compiled step (count and payload bytes of all-reduce, all-gather,
+reduce-scatter, ... from its optimised HLO; `afd_jax.collectives`), and peak device memory
+where the backend reports it. `--devices N` runs on N fake CPU devices (to see the
+communication of an N-device step on one machine); by default, all devices of the backend. `--method all` times ce, kd and afd in
 one process, interleaving them in rounds so that machine noise hits all alike, and prints the
 ratios afd/kd and kd/ce. Needs only jax, flax, optax and numpy (no TensorFlow).
 """
@@ -20,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from afd_jax import distill, models, sharding, step
+from afd_jax import collectives, distill, models, sharding, step
 
 METHODS = ('ce', 'kd', 'afd', 'fitnet', 'at', 'sp')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 FEATURE_METHODS = tuple(m for m in distill.METHODS if m != 'none')  # timed next to kd
 
 
@@ -32,7 +36,8 @@ def namespace(d):
 
 
 def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128,
-                 teacher_options=None, student_options=None):
+                 teacher_options=None, student_options=None, bn_group_size: int = 0,
+                 teacher_dtype: str = ''):
   """Official CIFAR-100 hyper-parameters; `ce`: student alone, `kd`: + Hinton KD,
   other methods: + KD + that feature loss at its default weight (distill.DEFAULT_FEATURE_WEIGHT).
 
@@ -42,10 +47,11 @@ def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128,
     raise ValueError(f'Unknown method {method!r}. Known methods: {", ".join(METHODS)}.')
   feature = method if method in distill.METHODS else 'none'
   return namespace({
-      'method': feature, 'teacher': {'name': teacher, **(teacher_options or {})},
+      'method': feature,
+      'teacher': {'name': teacher, 'dtype': teacher_dtype, **(teacher_options or {})},
       'student': {'name': student, **(student_options or {})},
       'afd': {'qk_dim': qk_dim}, 'fitnet': {'student_tap': -1, 'teacher_tap': -1, 'relu': True},
-      'num_epochs': 240,
+      'num_epochs': 240, 'bn_group_size': bn_group_size,
       'loss': {'ce_weight': 1.0, 'kd_weight': 0.0 if method == 'ce' else 0.9,
                'kd_temperature': 4.0,
                'feature_weight': distill.DEFAULT_FEATURE_WEIGHT.get(feature, 0.0)},
@@ -59,12 +65,12 @@ class Case:
   """One method's compiled step, state and synthetic batch."""
 
   def __init__(self, method, args, mesh):
-    dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[args.dtype]
     config = bench_config(method, args.teacher, args.student, args.qk_dim,
-                          model_options(args, 'teacher'), model_options(args, 'student'))
+                          model_options(args, 'teacher'), model_options(args, 'student'),
+                          args.bn_group_size, args.teacher_dtype)
     self.method = method
     shape = (args.image_size, args.image_size, args.channels)
-    self.task = step.task_from_config(config, args.num_classes, 781, dtype, shape)
+    self.task = step.task_from_config(config, args.num_classes, 781, DTYPES[args.dtype], shape)
     rep = sharding.replicated(mesh)
     images = jnp.zeros((2,) + shape)
     self.teacher_vars = None
@@ -84,6 +90,7 @@ class Case:
     self.compiled = jitted.lower(self.state, self.teacher_vars, self.batch).compile()
     self.compile_seconds = time.perf_counter() - start
     self.flops = flops_of(self.compiled)
+    self.collectives = collectives.summary(self.compiled)
     self.times: List[float] = []
 
   def first_step_metrics(self):
@@ -109,6 +116,17 @@ def model_options(args, side: str) -> Dict[str, object]:
   return options
 
 
+def use_cpu_devices(parser, n: int) -> None:
+  """Run on `n` CPU devices (set before JAX starts its backends, else it must already hold)."""
+  try:
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', n)
+  except RuntimeError:  # backends already started (in-process callers)
+    if jax.default_backend() != 'cpu' or jax.device_count() != n:
+      parser.error(f'--devices {n}: JAX has already started with {jax.device_count()} '
+                   f'{jax.default_backend()} devices in this process')
+
+
 def flops_of(compiled) -> float:
   try:
     cost = compiled.cost_analysis()
@@ -127,7 +145,8 @@ def summarize(case: Case, batch: int) -> Dict[str, float]:
   median = statistics.median(case.times)
   return {'method': case.method, 'compile_s': case.compile_seconds, 'median_step_ms': 1e3 * median,
           'images_per_s': batch / median, 'gflops_per_step': case.flops / 1e9,
-          'tflops_per_s': case.flops / median / 1e12, 'steps_timed': len(case.times)}
+          'tflops_per_s': case.flops / median / 1e12, 'steps_timed': len(case.times),
+          'collectives': {k: v for k, v in case.collectives.items() if v['count'] or k == 'total'}}
 
 
 def main(argv=None) -> int:
@@ -143,7 +162,13 @@ def main(argv=None) -> int:
   parser.add_argument('--method', default='all',
                       help=f'all (= ce,kd,afd) or a comma-separated list of {",".join(METHODS)}')
   parser.add_argument('--batch', type=int, default=64)
-  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--dtype', default='float32', choices=tuple(DTYPES))
+  parser.add_argument('--teacher-dtype', default='', choices=('',) + tuple(DTYPES),
+                      help="the teacher's activations (default: --dtype)")
+  parser.add_argument('--bn-group-size', type=int, default=0,
+                      help='batch-norm statistics over groups of this many examples (0: global)')
+  parser.add_argument('--devices', type=int, default=0,
+                      help='N fake CPU devices (default: every device of the default backend)')
   parser.add_argument('--steps', type=int, default=30, help='timed steps per method')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--rounds', type=int, default=5, help='interleaved rounds (--method all)')
@@ -161,6 +186,12 @@ def main(argv=None) -> int:
       model_options(args, side)
     except ValueError as e:  # json.JSONDecodeError is one
       parser.error(f'--{side}: {e}')
+  if args.devices < 0 or args.bn_group_size < 0:
+    parser.error('--devices and --bn-group-size must be >= 0')
+  if args.bn_group_size and args.batch % args.bn_group_size:
+    parser.error(f'--bn-group-size {args.bn_group_size} must divide --batch {args.batch}')
+  if args.devices:
+    use_cpu_devices(parser, args.devices)
   mesh = sharding.make_mesh((-1, 1))
   if args.batch % mesh.shape[sharding.DATA]:
     parser.error(f'--batch {args.batch} must divide by the {mesh.shape[sharding.DATA]} devices')
@@ -196,6 +227,8 @@ def main(argv=None) -> int:
   report = {'device': f'{jax.devices()[0].device_kind} x {jax.device_count()}',
             'backend': jax.default_backend(), 'teacher': args.teacher, 'student': args.student,
             'batch': args.batch, 'dtype': args.dtype, 'image_size': args.image_size,
+            'teacher_dtype': args.teacher_dtype or args.dtype, 'bn_group_size': args.bn_group_size,
+            'devices': jax.device_count(),
             'peak_memory_bytes': peak_memory_bytes(), 'results': results}
   by = {r['method']: r['median_step_ms'] for r in results}
   for m in FEATURE_METHODS:
@@ -206,13 +239,17 @@ def main(argv=None) -> int:
   if args.json:
     print(json.dumps(report))
     return 0
+  groups = f'BN groups of {args.bn_group_size}' if args.bn_group_size else 'global BN'
   print(f'{report["device"]} ({report["backend"]}), {args.teacher} -> {args.student}, batch '
-        f'{args.batch}, {args.dtype}, {args.image_size}x{args.image_size}')
+        f'{args.batch}, {args.dtype} (teacher {report["teacher_dtype"]}), '
+        f'{args.image_size}x{args.image_size}, {groups}')
   print(f'{"method":8s} {"compile s":>9s} {"step ms":>9s} {"img/s":>9s} {"GFLOP/step":>11s} '
-        f'{"TFLOP/s":>8s}')
+        f'{"TFLOP/s":>8s} {"collectives":>11s} {"MB":>7s}')
   for r in results:
+    total = r['collectives']['total']
     print(f'{r["method"]:8s} {r["compile_s"]:9.1f} {r["median_step_ms"]:9.1f} '
-          f'{r["images_per_s"]:9.0f} {r["gflops_per_step"]:11.2f} {r["tflops_per_s"]:8.3f}')
+          f'{r["images_per_s"]:9.0f} {r["gflops_per_step"]:11.2f} {r["tflops_per_s"]:8.3f} '
+          f'{total["count"]:11d} {total["bytes"] / 1e6:7.2f}')
   if report['peak_memory_bytes']:
     print(f'peak device memory: {report["peak_memory_bytes"] / 2**30:.2f} GiB')
   for key in [f'{m}_over_kd' for m in FEATURE_METHODS] + ['kd_over_ce']:

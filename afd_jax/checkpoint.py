@@ -12,11 +12,10 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
 from flax import serialization
 
-from afd_jax.errors import UserError
+from afd_jax.errors import UserError, warn
 
 CHECKPOINTS = 'checkpoints'
 # Settings a checkpoint must agree with to be resumed (dotted config paths, plus num_classes).
@@ -38,14 +37,6 @@ def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
       value = value[part]
     out[key] = value
   return out
-
-
-def _warn(message: str) -> None:
-  """A warning on the console of process 0 (and in the absl log of every process)."""
-  if jax.process_index() == 0:
-    print(f'WARNING: {message}', flush=True)
-  else:
-    logging.warning(message)
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -81,7 +72,7 @@ class Checkpoints:
            metrics: Optional[Dict[str, float]] = None) -> bool:
     """Saves asynchronously; a step that already exists (unreadable, skipped earlier) is kept."""
     if step in self.manager.all_steps():
-      _warn(f'not saving step {step}: {self.directory / str(step)} already exists.')
+      warn(f'not saving step {step}: {self.directory / str(step)} already exists.')
       return False
     return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -96,7 +87,7 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored['state'], restored['meta']
       except Exception as e:  # pylint: disable=broad-except
-        _warn(f'checkpoint {self.directory / str(step)} cannot be read and is skipped '
+        warn(f'checkpoint {self.directory / str(step)} cannot be read and is skipped '
               f'({type(e).__name__}: {str(e).splitlines()[0][:200]}).')
     return None
 
@@ -151,7 +142,7 @@ def restore_raw_variables(workdir: str, collection_key: str = 'student') -> Tupl
                    'batch_stats': state['batch_stats'][collection_key]}
       return variables, meta
     except Exception as e:  # pylint: disable=broad-except
-      _warn(f'checkpoint {ckpt.directory / str(step)} cannot be read and is skipped '
+      warn(f'checkpoint {ckpt.directory / str(step)} cannot be read and is skipped '
             f'({type(e).__name__}).')
   raise UserError(f'no readable checkpoint in {ckpt.directory}.')
 
@@ -190,7 +181,7 @@ def load_teacher(config, model, num_classes: int, image_shape) -> Dict[str, Any]
   """
   path = config.teacher.checkpoint
   if path == 'random':  # Tests and benchmarks only: an untrained teacher.
-    _warn('teacher.checkpoint=random: distilling from an untrained teacher.')
+    warn('teacher.checkpoint=random: distilling from an untrained teacher.')
     images = jax.numpy.zeros((2,) + tuple(image_shape))
     return jax.jit(lambda k: model.init(k, images, train=False))(jax.random.PRNGKey(config.seed + 1))
   if not path:

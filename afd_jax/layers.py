@@ -3,7 +3,9 @@
 The official AFD code is PyTorch; to match it number for number we need its batch norm
 (momentum 0.1, eps 1e-5, *unbiased* variance in the running estimate) and its weight inits.
 """
-from typing import Any, Optional, Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,6 +34,46 @@ def linear_bias_init(fan_in: int):
 xavier_normal = nn.initializers.variance_scaling(1.0, 'fan_avg', 'normal')
 
 
+_BN_GROUP_SIZE = contextvars.ContextVar('afd_jax_bn_group_size', default=0)
+
+
+@contextlib.contextmanager
+def batch_norm_groups(group_size: int) -> Iterator[None]:
+  """Within this context, training-mode batch norms (`BatchNorm`, and the AFD meta-network's)
+  compute their statistics over consecutive groups of `group_size` examples ("ghost" batch
+  norm); 0 means the whole batch. The train step enters it around the student and the
+  distiller; code that is traced inside it is affected, nothing else. Enter it inside the
+  function that you jit: `jax.jit` caches a trace by its arguments, not by this context.
+
+  With `group_size` dividing the per-device batch, every group lies on one device, so the
+  statistics need no cross-device reduction, and the result does not depend on the device count.
+  """
+  if group_size < 0:
+    raise ValueError(f'bn_group_size must be >= 0, got {group_size}.')
+  token = _BN_GROUP_SIZE.set(int(group_size))
+  try:
+    yield
+  finally:
+    _BN_GROUP_SIZE.reset(token)
+
+
+def batch_norm_group_count(batch: int) -> int:
+  """Into how many groups a training-mode batch norm splits a batch of `batch` examples
+  (1: the whole batch). A group size that does not divide the batch is a ValueError."""
+  size = _BN_GROUP_SIZE.get()
+  if size <= 0 or size == batch:
+    return 1
+  if batch % size:
+    raise ValueError(f'bn_group_size={size} does not divide the batch of {batch} examples.')
+  return batch // size
+
+
+def running_update(running: jax.Array, group_values: jax.Array, momentum: float) -> jax.Array:
+  """PyTorch's running-average update with the mean over groups (axis 0) of `group_values`."""
+  value = jax.lax.stop_gradient(jnp.mean(group_values, axis=0))
+  return (1 - momentum) * running + momentum * value
+
+
 class BatchNorm(nn.Module):
   """Batch norm over every axis but the last, with PyTorch's semantics.
 
@@ -39,6 +81,14 @@ class BatchNorm(nn.Module):
   estimate with the *unbiased* one (as torch.nn.BatchNorm*d does); inference mode uses
   the running estimates. Statistics are always computed in float32. Under `jit` with a
   batch sharded over devices and hosts, the means are global: this is synchronised BN.
+
+  Inside `batch_norm_groups(k)`, training mode normalises each group of k consecutive examples
+  with that group's own mean and biased variance, and the running estimates move towards the
+  mean over the G groups of the group statistics:
+    running_mean <- (1 - momentum) * running_mean + momentum * mean_g(mean_g)
+    running_var  <- (1 - momentum) * running_var + momentum * mean_g(var_g * n / (n - 1)),
+  with n = k * H * W the elements per channel in one group (each group's unbiased variance).
+  With one group this is the global batch norm above, exactly.
 
   Attributes:
     momentum: PyTorch's convention: running = (1 - momentum) * running + momentum * batch.
@@ -57,22 +107,22 @@ class BatchNorm(nn.Module):
     running_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     running_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     dtype = self.dtype or x.dtype
-    if train:
-      axes = tuple(range(x.ndim - 1))
-      xf = at_least_f32(x)
-      mean = jnp.mean(xf, axes)
-      var = jnp.mean(jnp.square(xf - mean), axes)
-      if not self.is_initializing():
-        n = x.size // features
-        unbiased = var * (n / max(n - 1, 1))
-        m = self.momentum
-        running_mean.value = (1 - m) * running_mean.value + m * jax.lax.stop_gradient(mean)
-        running_var.value = (1 - m) * running_var.value + m * jax.lax.stop_gradient(unbiased)
-    else:
-      mean, var = running_mean.value, running_var.value
-    mul = jax.lax.rsqrt(var + self.epsilon) * scale
-    y = (at_least_f32(x) - mean) * mul + bias
-    return y.astype(dtype)
+    if not train:
+      mul = jax.lax.rsqrt(running_var.value + self.epsilon) * scale
+      return ((at_least_f32(x) - running_mean.value) * mul + bias).astype(dtype)
+    groups = batch_norm_group_count(x.shape[0])
+    xg = at_least_f32(x).reshape((groups, x.shape[0] // groups) + x.shape[1:])
+    axes = tuple(range(1, xg.ndim - 1))
+    mean = jnp.mean(xg, axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axes, keepdims=True)
+    if not self.is_initializing():
+      n = xg[0].size // features
+      running_mean.value = running_update(running_mean.value, mean.reshape(groups, features),
+                                          self.momentum)
+      running_var.value = running_update(
+          running_var.value, var.reshape(groups, features) * (n / max(n - 1, 1)), self.momentum)
+    y = (xg - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.reshape(x.shape).astype(dtype)
 
 
 def conv(features: int, kernel: int, stride: int = 1, padding: Optional[int] = None,

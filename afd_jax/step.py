@@ -1,7 +1,8 @@
 """Pure train/eval step builders, shared by the trainer and the benchmark.
 
 One train step is one XLA program: frozen teacher forward (inference-mode batch norm), student
-forward and backward, the feature distiller, the objective
+forward and backward (training batch norms over the global batch, or over groups of
+`bn_group_size` examples: `layers.batch_norm_groups`), the feature distiller, the objective
 `ce_weight * CE + kd_weight * KD(T) + feature_weight * feature_loss`, and the optimizer update.
 """
 import dataclasses
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from afd_jax import distill, models, optim, sharding
+from afd_jax import distill, layers, models, optim, sharding
 from afd_jax.distill import cross_entropy, kd_loss
 from afd_jax.state import TrainState
 
@@ -38,6 +39,7 @@ class Task:
   kd_weight: float = 0.0
   kd_temperature: float = 4.0
   feature_weight: float = 0.0
+  bn_group_size: int = 0  # training batch norms of student and distiller: 0 = global batch
   nan_at_step: int = -1  # Fault injection (tests of the divergence guard): CE is NaN at this step.
 
   @property
@@ -56,10 +58,14 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
 
   `config` needs attribute access only (an ml_collections ConfigDict, or namespaces in the
   benchmark, which runs without ml_collections). `image_shape` (H, W, C) is needed for models
-  whose taps are found by tracing (`models.from_config`)."""
+  whose taps are found by tracing (`models.from_config`). The teacher computes in
+  `config.teacher.dtype` where that is set ('float32' or 'bfloat16'), else in `dtype`."""
   distil = is_distillation(config)
   student = models.from_config(config.student, num_classes, dtype, image_shape)
-  teacher = models.from_config(config.teacher, num_classes, dtype, image_shape) if distil else None
+  teacher_dtype = getattr(config.teacher, 'dtype', '')
+  teacher_dtype = jnp.dtype(teacher_dtype) if teacher_dtype else dtype
+  teacher = (models.from_config(config.teacher, num_classes, teacher_dtype, image_shape)
+             if distil else None)
   distiller = distill.create(config.method, config, student.taps(),
                              teacher.taps() if teacher else ())
   schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
@@ -67,7 +73,8 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
               tx=optim.make_optimizer(config.optimizer, schedule), schedule=schedule,
               feature_name=config.method, ce_weight=config.loss.ce_weight,
               kd_weight=config.loss.kd_weight, kd_temperature=config.loss.kd_temperature,
-              feature_weight=config.loss.feature_weight if distiller else 0.0)
+              feature_weight=config.loss.feature_weight if distiller else 0.0,
+              bn_group_size=getattr(config, 'bn_group_size', 0))
 
 
 def init_state(task: Task, rng: jax.Array, image_shape, teacher_abstract=None) -> TrainState:
@@ -100,9 +107,10 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
       t_logits, t_feats = jax.lax.stop_gradient(task.teacher.apply(teacher_vars, images, train=False))
 
     def loss_fn(params):
-      (logits, s_feats), s_updates = task.student.apply(
-          {'params': params['student'], 'batch_stats': state.batch_stats['student']}, images,
-          train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+      with layers.batch_norm_groups(task.bn_group_size):
+        (logits, s_feats), s_updates = task.student.apply(
+            {'params': params['student'], 'batch_stats': state.batch_stats['student']}, images,
+            train=True, mutable=['batch_stats'], rngs={'dropout': rng})
       terms = {'ce': cross_entropy(logits, labels)}
       if task.nan_at_step > 0:
         terms['ce'] = jnp.where(state.step + 1 == task.nan_at_step, jnp.nan, terms['ce'])
@@ -113,9 +121,10 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
       stats = {'student': s_updates['batch_stats'], 'distiller': state.batch_stats['distiller']}
       aux = None
       if task.distiller is not None:
-        (feature_loss, aux), d_updates = task.distiller.apply(
-            {'params': params['distiller'], 'batch_stats': state.batch_stats['distiller']},
-            s_feats, t_feats, train=True, mutable=['batch_stats'])
+        with layers.batch_norm_groups(task.bn_group_size):
+          (feature_loss, aux), d_updates = task.distiller.apply(
+              {'params': params['distiller'], 'batch_stats': state.batch_stats['distiller']},
+              s_feats, t_feats, train=True, mutable=['batch_stats'])
         stats['distiller'] = d_updates.get('batch_stats', {})
         terms[task.feature_name] = feature_loss
         loss += task.feature_weight * feature_loss

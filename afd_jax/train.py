@@ -18,7 +18,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from afd_jax import checkpoint, data, distill, metrics, models, sharding, step, workdir_lock
-from afd_jax.errors import UserError
+from afd_jax.errors import UserError, warn
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, a checkpoint was saved; rerun to resume.
@@ -54,6 +54,13 @@ def validate(config) -> None:
       raise UserError(str(e)) from None
   if config.dtype not in DTYPES:
     raise UserError(f'dtype must be one of {", ".join(DTYPES)}, got {config.dtype!r}.')
+  if config.teacher.dtype and config.teacher.dtype not in DTYPES:
+    raise UserError(f'teacher.dtype must be empty (= dtype) or one of {", ".join(DTYPES)}, '
+                    f'got {config.teacher.dtype!r}.')
+  if config.bn_group_size < 0 or (config.bn_group_size and
+                                  config.batch_size % config.bn_group_size):
+    raise UserError(f'bn_group_size={config.bn_group_size} must be 0 (the global batch) or a '
+                    f'positive divisor of batch_size={config.batch_size}.')
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] < 1:
       raise UserError(f'{key} must be positive, got {config[key]}.')
@@ -150,6 +157,10 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  per_device = config.batch_size // mesh.shape[sharding.DATA]
+  if config.bn_group_size and per_device % config.bn_group_size:
+    warn(f'bn_group_size={config.bn_group_size} does not divide the per-device batch '
+                    f'of {per_device}: groups span devices, so batch norm still communicates.')
   info = data.dataset_info(config, process_count=jax.process_count(),
                            num_devices=mesh.shape[sharding.DATA])
   distil = step.is_distillation(config)

@@ -55,6 +55,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.name = 'wrn40x2'
   c.teacher.checkpoint = ''      # our run's workdir (Orbax) or a PyTorch .pth; '' = no teacher
+  c.teacher.dtype = ''           # the teacher's activations: '' = config.dtype | float32 | bfloat16
   _model_options(c.teacher)
 
   c.student = ml_collections.ConfigDict()
@@ -96,6 +97,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.num_train_steps = -1         # >0: stop after this many steps (tests, smoke runs)
   c.dtype = 'float32'            # activations: float32 | bfloat16 (parameters stay float32)
   c.mesh_shape = (-1, 1)         # (data, model); -1 = all remaining devices
+  c.bn_group_size = 0            # training batch-norm statistics over groups of this many
+                                 # consecutive examples; 0 = the global batch (synchronised BN).
+                                 # Dividing the per-device batch: no cross-device reduction per
+                                 # layer, same result on any device count (layers.batch_norm_groups)
 
   c.log_every_steps = 50
   c.eval_every_epochs = 1

@@ -35,13 +35,30 @@ def test_bench_all_methods_without_tensorflow_or_ml_collections():
   assert report['batch'] == 8 and report['dtype'] == 'float32'
 
 
+def test_bench_counts_the_collectives_of_grouped_and_global_batch_norm():
+  """--devices 4 (fake CPU devices) and --bn-group-size: the JSON reports the compiled step's
+  collectives; groups of the per-device batch leave one all-reduce, the global batch norm one
+  per layer and pass."""
+  counts = {}
+  for group in ('0', '2'):
+    result = bench('--teacher', 'resnet8', '--student', 'resnet8', '--batch', '8', '--devices',
+                   '4', '--bn-group-size', group, '--image-size', '8', '--num-classes', '10',
+                   '--steps', '1', '--warmup', '0', '--method', 'kd', '--json')
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report['devices'] == 4 and report['bn_group_size'] == int(group)
+    counts[group] = report['results'][0]['collectives']
+  assert counts['2'] == {'all-reduce': counts['2']['total'], 'total': counts['2']['total']}
+  assert counts['2']['total']['count'] == 1 and counts['2']['total']['bytes'] > 0
+  assert counts['0']['all-reduce']['count'] >= 14  # resnet8's 7 batch norms, forward + backward
+
+
 def test_bench_prints_a_table_and_the_ratios():
   result = bench('--teacher', 'resnet8', '--student', 'resnet8', '--batch', '8',
                  '--image-size', '8', '--num-classes', '10', '--steps', '2', '--rounds', '1',
                  '--warmup', '1', '--method', 'kd,at', '--dtype', 'bfloat16')
   lines = result.stdout.splitlines()
   assert lines[1].split() == ['method', 'compile', 's', 'step', 'ms', 'img/s', 'GFLOP/step',
-                              'TFLOP/s']
+                              'TFLOP/s', 'collectives', 'MB']
   assert any(l.startswith('at/kd: ') for l in lines)
 
 

@@ -21,7 +21,8 @@ def opt_config(lr=0.05):
   return c
 
 
-def tiny_task(method='afd', kd_weight=0.9, lr=0.05, feature_weight=200.0, dtype=jnp.float32):
+def tiny_task(method='afd', kd_weight=0.9, lr=0.05, feature_weight=200.0, dtype=jnp.float32,
+              bn_group_size=0):
   schedule = optax.constant_schedule(lr)
   distil = method == 'afd' or kd_weight > 0
   return step.Task(
@@ -29,7 +30,8 @@ def tiny_task(method='afd', kd_weight=0.9, lr=0.05, feature_weight=200.0, dtype=
       teacher=models.create('resnet14', 4, dtype=dtype) if distil else None,
       distiller=AFD(qk_dim=16) if method == 'afd' else None, feature_name=method,
       tx=optim.make_optimizer(opt_config(lr), schedule), schedule=schedule,
-      kd_weight=kd_weight, feature_weight=feature_weight if method == 'afd' else 0.0)
+      kd_weight=kd_weight, feature_weight=feature_weight if method == 'afd' else 0.0,
+      bn_group_size=bn_group_size)
 
 
 def mesh_of(n):
@@ -82,18 +84,17 @@ def afd8():
   return task, mesh, step.jit_train_step(task, mesh)
 
 
-def test_eight_devices_equal_one_device(batches, afd8):
-  """Same three steps on 1 and 8 devices. Only float32 summation order may differ (per-shard
+def assert_eight_devices_equal_one_device(task, batches, train_step8=None):
+  """Same steps on 1 and 8 devices. Only float32 summation order may differ (per-shard
   partial sums of the batch statistics and gradients), so each parameter must agree to 1e-4 of
-  how far the three steps moved it (+1e-6 for leaves whose exact gradient is zero, e.g. biases
+  how far the steps moved it (+1e-6 for leaves whose exact gradient is zero, e.g. biases
   followed by batch norm). A real sharding bug (local instead of global batch statistics, a
   gradient or loss off by the device count) moves parameters by a sizeable fraction of that."""
-  task, mesh8, train_step8 = afd8
+  assert len(jax.devices()) == 8
   init, _ = setup(task, mesh_of(1))
   init = jax.device_get(init.params)
   s1, _, h1, _ = run(task, mesh_of(1), batches)
-  s8, _, h8, _ = run(task, mesh8, batches, train_step8)
-  assert len(jax.devices()) == 8
+  s8, _, h8, _ = run(task, mesh_of(8), batches, train_step8)
   for a, b in zip(h1, h8):
     for k in ('loss', 'ce', 'kd', 'afd'):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
@@ -108,6 +109,11 @@ def test_eight_devices_equal_one_device(batches, afd8):
   rel = jax.tree.map(lambda a, b: max_diff(a, b) / max(float(np.abs(a).max()), 1.0),
                      s1.batch_stats, s8.batch_stats)
   assert max(jax.tree.leaves(rel)) <= 1e-5
+
+
+def test_eight_devices_equal_one_device(batches, afd8):
+  task, _, train_step8 = afd8
+  assert_eight_devices_equal_one_device(task, batches, train_step8)
 
 
 def test_compiles_once_teacher_frozen_student_and_meta_network_change(batches, afd8):

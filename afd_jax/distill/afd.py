@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from afd_jax.distill.pooling import adaptive_avg_pool2d
-from afd_jax.layers import (BatchNorm, at_least_f32, check_feature_pair, linear, linear_bias_init,
-                            linear_kernel_init, spatial_mean, xavier_normal)
+from afd_jax.layers import (BatchNorm, at_least_f32, batch_norm_group_count, check_feature_pair,
+                            linear, linear_bias_init, linear_kernel_init, running_update,
+                            spatial_mean, xavier_normal)
 
 
 class LinearBN(nn.Module):
@@ -73,23 +74,26 @@ class BilinearLogits(nn.Module):
     t = query.shape[1]
     kernel, bias = _LinearParams(t * d, name='linear')(d)
     gamma, beta, running_mean, running_var = _BatchNormParams(t * d, name='bn')()
-    if train:
-      rows = key.reshape(batch * s, d)
-      key_mean = jnp.mean(rows, axis=0)
+    if train:  # statistics per group of examples (one group: the whole batch), see BatchNorm
+      groups = batch_norm_group_count(batch)
+      rows = key.reshape(groups, batch // groups * s, d)
+      key_mean = jnp.mean(rows, axis=1, keepdims=True)                     # G x 1 x d
       centred = rows - key_mean
-      covariance = centred.T @ centred / rows.shape[0]
-      mean = key_mean @ kernel + bias
-      var = jnp.sum(kernel * (covariance @ kernel), axis=0)
+      covariance = jnp.einsum('gri,grj->gij', centred, centred) / rows.shape[1]
+      mean = key_mean[:, 0] @ kernel + bias                                # G x T*d
+      var = jnp.sum(kernel * jnp.einsum('gij,jk->gik', covariance, kernel), axis=1)
       if not self.is_initializing():
-        n, m = rows.shape[0], self.momentum
-        running_mean.value = (1 - m) * running_mean.value + m * jax.lax.stop_gradient(mean)
-        running_var.value = (1 - m) * running_var.value + m * jax.lax.stop_gradient(
-            var * n / max(n - 1, 1))
+        n = rows.shape[1]
+        running_mean.value = running_update(running_mean.value, mean, self.momentum)
+        running_var.value = running_update(running_var.value, var * n / max(n - 1, 1),
+                                           self.momentum)
       inputs, offset = centred.reshape(batch, s, d), jnp.zeros((t, d), key.dtype)
+      scale = jnp.repeat((gamma * jax.lax.rsqrt(var + self.epsilon)).reshape(groups, t, d),
+                         batch // groups, axis=0)                          # B x T x d
     else:
       mean, var = running_mean.value, running_var.value
       inputs, offset = key, (bias - mean).reshape(t, d)
-    scale = (gamma * jax.lax.rsqrt(var + self.epsilon)).reshape(t, d)
+      scale = (gamma * jax.lax.rsqrt(var + self.epsilon)).reshape(t, d)
     weighted_query = scale * query                                         # B x T x d
     pushed = jnp.einsum('inj,bnj->bni', kernel.reshape(d, t, d), weighted_query)
     constant = (jnp.einsum('bnj,nj->bn', weighted_query, offset) +
