@@ -77,6 +77,32 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
               bn_group_size=getattr(config, 'bn_group_size', 0))
 
 
+def check_batch_norm_groups(task: Task, image_shape) -> None:
+  """With `bn_group_size` > 0, a ValueError if the student normalises with flax's own
+  `nn.BatchNorm`, which the grouping does not reach (it would silently stay global). Found by
+  one abstract trace of the student in training mode; afd_jax's models use `layers.BatchNorm`."""
+  if not task.bn_group_size:
+    return
+  found = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+      found.append('/'.join(context.module.path) or type(context.module).__name__)
+    return next_fun(*args, **kwargs)
+
+  def forward(images):
+    variables = task.student.init(jax.random.PRNGKey(0), images, train=False)
+    return task.student.apply(variables, images, train=True, mutable=True)
+
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(forward, jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32))
+  if found:
+    raise ValueError(
+        f'bn_group_size={task.bn_group_size} applies to afd_jax.layers.BatchNorm, but the student '
+        f'normalises with flax.linen.BatchNorm at {", ".join(sorted(set(found))[:3])}; use '
+        f'afd_jax.layers.BatchNorm in the model, or bn_group_size=0.')
+
+
 def init_state(task: Task, rng: jax.Array, image_shape, teacher_abstract=None) -> TrainState:
   """A fresh state (call under `jit`, or `jax.eval_shape` for the abstract one)."""
   student_rng, distiller_rng, base_rng = jax.random.split(rng, 3)

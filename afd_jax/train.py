@@ -170,6 +170,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   try:
     task = step.task_from_config(config, info.num_classes, steps_per_epoch, DTYPES[config.dtype],
                                  info.image_shape)
+    step.check_batch_norm_groups(task, info.image_shape)
   except (ValueError, TypeError) as e:  # a factory's kwargs, taps that match nothing, a grid
     raise UserError(str(e)) from None
   if config.debug_nan_at_step > 0:

@@ -164,3 +164,18 @@ def test_bad_group_size_or_teacher_dtype_is_refused_before_anything_runs(key, va
   (config[section] if section else config)[leaf] = value
   with pytest.raises(UserError, match=re.escape(message)):
     train.validate(config)
+
+
+def test_a_student_with_flax_batch_norm_is_refused_under_groups():
+  """flax.linen.BatchNorm does not see the grouping; rather than train with a global batch
+  norm that the config says is grouped, the step refuses, naming the module."""
+  config = base.get_base_config()
+  config.student.name, config.student.taps = 'tests.byo_models:tiny_convnet', 'auto'
+  config.teacher.name, config.bn_group_size = 'resnet8', 2
+  task = step.task_from_config(config, 10, 10, jnp.float32, (8, 8, 1))
+  with pytest.raises(ValueError, match=r'the student normalises with flax.linen.BatchNorm at '
+                                       r'\S*BatchNorm_0'):
+    step.check_batch_norm_groups(task, (8, 8, 1))
+  config.student.name, config.student.taps = 'resnet8', ''
+  step.check_batch_norm_groups(step.task_from_config(config, 10, 10, jnp.float32, (8, 8, 1)),
+                               (8, 8, 1))
