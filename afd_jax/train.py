@@ -43,8 +43,11 @@ def params_sha256(tree) -> str:
 
 def validate(config) -> None:
   """Checks the settings that need no data or devices; one clear message on the first problem."""
-  if config.method not in distill.METHODS:
-    raise UserError(f'Unknown method {config.method!r}. Known methods: {", ".join(distill.METHODS)}.')
+  if config.method != 'none':
+    try:
+      distill.registry.get(config.method)
+    except ValueError as e:
+      raise UserError(str(e)) from None
   distil = step.is_distillation(config)
   names = [config.student.name] + ([config.teacher.name] if distil else [])
   for name in names:

@@ -31,7 +31,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = 'afd'                 # a label for logs and summary.json
   c.seed = 0
-  c.method = 'afd'               # feature loss: none | afd | fitnet | at | sp
+  c.method = 'afd'               # feature loss: none | a registered method (afd_jax/distill/:
+                                 # afd, fitnet, at, sp)
 
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = 'cifar100'    # a TFDS name, 'digits', 'fashion_mnist_local' or 'image_folder'

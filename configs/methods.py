@@ -1,6 +1,7 @@
 """Each distillation method's loss weights, on top of any config (`set_method`).
 
-Objective: `ce_weight * CE + kd_weight * KD(T) + feature_weight * feature_loss`. Defaults:
+Objective: `ce_weight * CE + kd_weight * KD(T) + feature_weight * feature_loss`. Defaults (each
+feature method's come from its registration in afd_jax/distill/, with their sources):
 
 | method | CE  | KD (T 4) | feature weight | source                                        |
 |--------|-----|----------|----------------|-----------------------------------------------|
@@ -16,34 +17,44 @@ compares AT with AFD's recipe on equal terms). As a config file:
   --config=configs/methods.py:at       (base config, AT with CRD's weights)
   --config=configs/methods.py:at+kd    (the same, plus KD 0.9 at T 4)
 """
-from afd_jax.distill import DEFAULT_FEATURE_WEIGHT, METHODS
+from afd_jax.distill import registry
 from configs.base import get_base_config
 
-# (ce_weight, kd_weight) per method; feature weights: afd_jax.distill.DEFAULT_FEATURE_WEIGHT.
-LOGIT_WEIGHTS = {'none': (1.0, 0.0), 'kd': (0.1, 0.9), 'fitnet': (1.0, 0.0), 'at': (1.0, 0.0),
-                 'sp': (1.0, 0.0), 'afd': (1.0, 0.9)}
 KD_TEMPERATURE = 4.0
-CHOICES = tuple(LOGIT_WEIGHTS)
-assert set(METHODS) <= set(CHOICES), 'every feature method needs its logit weights here'
+_BASELINES = {'none': (1.0, 0.0), 'kd': (0.1, 0.9)}  # the student alone; CRD's KD
+
+
+def logit_weights(method: str):
+  """(ce_weight, kd_weight) of `method`: the student alone, CRD's KD, or a registered feature
+  method's own defaults (afd_jax/distill/registry.py; its feature weight likewise)."""
+  if method in _BASELINES:
+    return _BASELINES[method]
+  return registry.get(method).logit_weights  # ValueError listing the known methods
+
+
+def choices():
+  """Every method name `set_method` takes."""
+  return tuple(_BASELINES) + registry.names()[1:]
 
 
 def set_method(config, method: str, kd_weight=None):
   """Sets `config.method` and `config.loss.{ce,kd,feature}_weight` (and `kd_temperature`) to
   `method`'s defaults (table above); `kd_weight`, when given, replaces the KD weight. Returns
   `config`."""
-  if method not in CHOICES:
-    raise ValueError(f'Unknown method {method!r}. Known methods: {", ".join(CHOICES)}.')
-  ce, kd = LOGIT_WEIGHTS[method]
+  if method not in choices():
+    raise ValueError(f'Unknown method {method!r}. Known methods: {", ".join(choices())}.')
+  ce, kd = logit_weights(method)
   config.method = 'none' if method == 'kd' else method
   config.loss.ce_weight = ce
   config.loss.kd_weight = kd if kd_weight is None else float(kd_weight)
   config.loss.kd_temperature = KD_TEMPERATURE
-  config.loss.feature_weight = DEFAULT_FEATURE_WEIGHT.get(config.method, 0.0)
+  config.loss.feature_weight = (registry.get(config.method).feature_weight
+                                if config.method != 'none' else 0.0)
   return config
 
 
 def get_config(arg: str = 'afd'):
-  """The base config with method `arg` (one of CHOICES, optionally `+kd` for KD 0.9 on top)."""
+  """The base config with method `arg` (one of `choices()`, optionally `+kd` for KD 0.9 on top)."""
   method, plus_kd = (arg[:-3], True) if arg.endswith('+kd') else (arg, False)
   config = set_method(get_base_config(), method, kd_weight=0.9 if plus_kd else None)
   config.name = arg

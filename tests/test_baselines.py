@@ -5,14 +5,16 @@ on 8 devices (one compilation each), and the benchmark harness."""
 import json
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from afd_jax import bench, distill, models, sharding, step
+from afd_jax import bench, distill, models, sharding, step, train
 from afd_jax.distill import AT, SP, FitNet
-from configs import methods
+from afd_jax.errors import UserError
+from configs import base, methods
 from tests.test_step import mesh_of, toy_batch
 
 EPS = 1e-5
@@ -409,3 +411,40 @@ def test_benchmark_accepts_every_method(capsys):
     assert np.isfinite(result['median_step_ms'])
   with pytest.raises(ValueError, match='Unknown method'):
     bench.bench_config('crd', 'resnet14', 'resnet8')
+
+
+@pytest.fixture
+def registered_toy_method():
+  """A method registered from outside afd_jax/distill/ (as a research fork's file would), and
+  removed again so that the registry stays as the package made it."""
+
+  class LastTapMSE(nn.Module):
+    @nn.compact
+    def __call__(self, student_features, teacher_features, train):
+      s, t = student_features[-1], jax.lax.stop_gradient(teacher_features[-1])
+      return jnp.mean(jnp.square(jnp.mean(s, -1) - jnp.mean(t, -1))), None
+
+  method = distill.registry.register(distill.registry.Method(
+      'toy_last_mse', build=lambda config, s_taps, t_taps: LastTapMSE(), feature_weight=7.0,
+      taps='the last tap of each model'))
+  yield method
+  distill.registry._METHODS.pop(method.name)  # pylint: disable=protected-access
+
+
+def test_a_registered_method_is_a_config_method(registered_toy_method):
+  """Registering is all a new method needs: config.method names it, the step builds it with
+  its default weight through configs/methods.py's set_method, validation accepts it; a typo or
+  a second registration of a name is refused, listing what exists."""
+  assert 'toy_last_mse' in distill.registry.names()
+  c = methods.set_method(base.get_base_config(), 'toy_last_mse')
+  assert c.loss.feature_weight == 7.0 and (c.loss.ce_weight, c.loss.kd_weight) == (1.0, 0.0)
+  c.student.name, c.teacher.name = 'resnet8', 'resnet14'
+  train.validate(c)
+  task = step.task_from_config(c, 4, 10)
+  assert type(task.distiller).__name__ == 'LastTapMSE' and task.feature_name == 'toy_last_mse'
+  with pytest.raises(ValueError, match='already registered'):
+    distill.registry.register(registered_toy_method)
+  c.method = 'toy_last_msee'
+  with pytest.raises(UserError, match="Unknown method 'toy_last_msee'. Known methods: none, afd, "
+                                      '.*toy_last_mse'):
+    train.validate(c)

@@ -32,7 +32,7 @@ def configs():
     yield f'quickstart.py:{run},seed=2', quickstart.get_config(f'{run},seed=2')
   for run in digits.RUNS:
     yield f'digits.py:{run}', digits.get_config(run)
-  for method in methods.CHOICES:
+  for method in methods.choices():
     yield f'methods.py:{method}', methods.get_config(method)
   fashion = importlib.import_module('configs.fashion_mnist')
   for method in fashion.METHODS:

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from afd_jax.distill import registry
 from afd_jax.distill.pooling import adaptive_avg_pool2d
 from afd_jax.layers import (BatchNorm, at_least_f32, batch_norm_group_count, check_feature_pair,
                             linear, linear_bias_init, linear_kernel_init, running_update,
@@ -183,3 +184,10 @@ class AFD(nn.Module):
     per_teacher_layer = jnp.mean(jnp.sum(attention * distances, axis=-1), axis=0)
     self.sow('intermediates', 'per_teacher_layer', per_teacher_layer)
     return jnp.sum(per_teacher_layer), attention
+
+
+registry.register(registry.Method(
+    'afd', build=lambda config, student_taps, teacher_taps: AFD(qk_dim=config.afd.qk_dim),
+    feature_weight=200.0, logit_weights=(1.0, 0.9),
+    taps='every tap of both models: all (teacher, student) pairs, weighed by the attention',
+    source='the official AFD recipe (KD 0.9 at T 4, beta 200)'))

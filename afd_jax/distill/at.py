@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from afd_jax.distill import registry
 from afd_jax.distill.afd import l2_normalize, spatial_energy
 from afd_jax.distill.pooling import adaptive_avg_pool2d
 from afd_jax.layers import at_least_f32, check_feature_pair
@@ -83,3 +84,11 @@ class AT(nn.Module):
       losses.append(jnp.mean(jnp.square(a_s - a_t)))
     per_pair = jnp.stack(losses)
     return jnp.sum(per_pair), per_pair
+
+
+registry.register(registry.Method(
+    'at', build=lambda config, student_taps, teacher_taps: AT(
+        pairs=stage_pairs(student_taps, teacher_taps)),
+    feature_weight=1000.0,
+    taps="the last tap of each stage, the student's last stages paired with the teacher's",
+    source='CRD benchmark, scripts/run_cifar_distill.sh: --distill attention -a 0 -b 1000'))

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from afd_jax.distill import registry
 from afd_jax.distill.at import check_index, pool_nhwc
 from afd_jax.layers import BatchNorm, at_least_f32, check_feature_pair, conv, linear_kernel_init
 from afd_jax.models.taps import Tap, stage_final
@@ -74,3 +75,19 @@ class FitNet(nn.Module):
     if self.relu:
       x = nn.relu(x)
     return jnp.mean(jnp.square(x - f_t)), None
+
+
+def _build(config, student_taps, teacher_taps) -> FitNet:
+  option = registry.option
+  return FitNet(
+      student_tap=resolve_tap(option(config, 'fitnet', 'student_tap', -1), student_taps,
+                              'fitnet.student_tap'),
+      teacher_tap=resolve_tap(option(config, 'fitnet', 'teacher_tap', -1), teacher_taps,
+                              'fitnet.teacher_tap'),
+      relu=bool(option(config, 'fitnet', 'relu', True)))
+
+
+registry.register(registry.Method(
+    'fitnet', build=_build, feature_weight=100.0,
+    taps='one hint: the middle stage of each model by default (config.fitnet.*_tap)',
+    source='CRD benchmark, scripts/run_cifar_distill.sh: --distill hint -a 0 -b 100'))

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from afd_jax.distill import registry
 from afd_jax.distill.afd import l2_normalize
 from afd_jax.distill.at import check_index
 from afd_jax.layers import at_least_f32, check_feature_pair
@@ -46,3 +47,10 @@ class SP(nn.Module):
     g_t = similarity(jax.lax.stop_gradient(teacher_features[self.teacher_tap]))
     batch = g_s.shape[0]
     return jnp.sum(jnp.square(g_t - g_s)) / batch ** 2, None
+
+
+registry.register(registry.Method(
+    'sp', build=lambda config, student_taps, teacher_taps: SP(
+        student_tap=len(student_taps) - 1, teacher_tap=len(teacher_taps) - 1),
+    feature_weight=3000.0, taps='the last tap of each model',
+    source='CRD benchmark, scripts/run_cifar_distill.sh: --distill similarity -a 0 -b 3000'))
