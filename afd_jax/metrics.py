@@ -8,7 +8,6 @@ from typing import Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 
 SCALARS_SKIP = ('attention',)
 

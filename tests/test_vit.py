@@ -127,9 +127,9 @@ def test_a_timm_state_dict_of_another_size_is_one_clear_error():
     torch_interop.convert('vit_s16', small)
   message = str(error.value)
   assert '\n' not in message
-  assert message.startswith("timm state_dict does not fit model 'vit_s16' (10 classes): missing "
-                            'entries: blocks.10.attn.proj.bias')
-  assert 'wrongly shaped entries: blocks.0.attn.proj.bias (192,), expected (384,)' in message
+  assert message.startswith("state_dict does not fit model 'vit_s16' (10 classes, timm layout): "
+                            'missing entries: blocks.10.attn.proj.bias')
+  assert 'wrongly shaped entries: blocks.0.attn.proj.bias: got (192,), expected (384,)' in message
 
 
 def test_tokens_of_a_size_that_does_not_divide_by_the_patch_are_refused():

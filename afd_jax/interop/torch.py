@@ -7,7 +7,7 @@ data, never code. torch is optional: it is imported only by `load` and only to r
 """
 import pickle
 import re
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ import numpy as np
 
 from afd_jax import models
 from afd_jax.distill import AFD
+from afd_jax.interop import state_dict
 from afd_jax.interop import vit as vit_interop
 from afd_jax.models.resnet import ResNet
 from afd_jax.models.resnet_cifar import CifarResNet
@@ -95,52 +96,6 @@ def _torch_key(path, segment: Callable[[str], str]) -> str:
   return '.'.join([segment(n) for n in names[1:-1]] + [_LEAVES[names[-1]]])
 
 
-def _to_torch_layout(leaf_name: str, value: np.ndarray) -> np.ndarray:
-  if leaf_name != 'kernel':
-    return value
-  return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-
-
-def _fill(abstract, segment: Callable[[str], str], sd: Dict[str, np.ndarray], what: str):
-  """Fills the abstract variable tree from `sd`; one error naming every problem."""
-  missing, wrong, used = [], [], set()
-
-  def take(path, leaf):
-    names = [p.key for p in path]
-    torch_key = _torch_key(path, segment)
-    if torch_key not in sd:
-      missing.append(torch_key)
-      return np.zeros(leaf.shape, leaf.dtype)
-    used.add(torch_key)
-    value = sd[torch_key]
-    if names[-1] == 'kernel':
-      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-    if value.shape != leaf.shape:
-      wrong.append(f'{torch_key}: got {tuple(sd[torch_key].shape)}, expected '
-                   f'{_torch_shape(names[-1], leaf.shape)}')
-      return np.zeros(leaf.shape, leaf.dtype)
-    return value.astype(leaf.dtype)
-
-  variables = jax.tree_util.tree_map_with_path(take, abstract)
-  unexpected = sorted(set(sd) - used)
-  problems = []
-  if missing:
-    problems.append(f'missing entries: {", ".join(sorted(missing))}')
-  if unexpected:
-    problems.append(f'unexpected entries: {", ".join(unexpected)}')
-  if wrong:
-    problems.append(f'wrongly shaped entries: {"; ".join(wrong)}')
-  if problems:
-    raise ValueError(f'state_dict does not fit {what}: ' + ' | '.join(problems))
-  return jax.tree.map(jnp.asarray, variables)
-
-
-def _torch_shape(leaf_name: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
-  if leaf_name == 'kernel':
-    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
-  return tuple(shape)
-
-
 def _first_dim(sd, key, default, axis=0):
   return int(sd[key].shape[axis]) if key in sd and sd[key].ndim > axis else default
 
@@ -155,7 +110,7 @@ def _convert_model(name: str, sd: Dict[str, np.ndarray]):
   model = models.create(name, num_classes)
   images = jnp.zeros((1, 32, 32, channels), jnp.float32)
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
-  return _fill(abstract, segment, sd, f'model {name!r} ({num_classes} classes)')
+  return state_dict.fill(abstract, sd, lambda path: _torch_key(path, segment), f'model {name!r} ({num_classes} classes)')
 
 
 def _convert_afd(sd: Dict[str, np.ndarray]):
@@ -174,7 +129,7 @@ def _convert_afd(sd: Dict[str, np.ndarray]):
   teacher = features('linear_trans_t.query_layer', t)
   abstract = jax.eval_shape(
       lambda: AFD(qk_dim=d).init(jax.random.PRNGKey(0), student, teacher, train=False))
-  return _fill(abstract, _afd_segment, sd, f'the AFD module (T={t}, S={s}, qk_dim={d})')
+  return state_dict.fill(abstract, sd, lambda path: _torch_key(path, _afd_segment), f'the AFD module (T={t}, S={s}, qk_dim={d})')
 
 
 def to_state_dict(name: str, variables) -> Dict[str, np.ndarray]:
@@ -189,7 +144,7 @@ def to_state_dict(name: str, variables) -> Dict[str, np.ndarray]:
     return vit_interop.to_state_dict(variables)
   else:
     segment = _model_segment(models.create(name, 1))
-  return {_torch_key(path, segment): _to_torch_layout(path[-1].key, np.asarray(leaf))
+  return {_torch_key(path, segment): state_dict.to_torch(path[-1].key, np.asarray(leaf))
           for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables))[0]}
 
 

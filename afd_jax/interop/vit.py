@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from afd_jax import models
+from afd_jax.interop import state_dict
 
 # Block parts, transformers 4 (the names in files on the Hub) and 5 (its in-memory state_dict).
 _HF_BLOCK = {'layernorm_before': 'norm1', 'attention.output.dense': 'attn.proj',
@@ -75,18 +76,6 @@ def _flax_key(path) -> str:
   return '.'.join(names[:-1] + [leaf])
 
 
-def _to_flax(leaf: str, value: np.ndarray) -> np.ndarray:
-  if leaf == 'kernel':
-    return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-  return value
-
-
-def _to_torch(leaf: str, value: np.ndarray) -> np.ndarray:
-  if leaf == 'kernel':
-    return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-  return value
-
-
 def convert(name: str, sd: Mapping[str, np.ndarray]):
   """A timm or transformers ViT state_dict -> `{'params': ...}` for zoo model `name`."""
   if is_hugging_face(sd):
@@ -99,35 +88,11 @@ def convert(name: str, sd: Mapping[str, np.ndarray]):
   model = models.create(name, num_classes)
   images = jnp.zeros((1, model.image_size, model.image_size, channels), jnp.float32)
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
-  params, missing, wrong, used = {}, [], [], set()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract['params'])[0]:
-    key = _flax_key(path)
-    if key not in sd:
-      missing.append(key)
-      continue
-    used.add(key)
-    value = _to_flax(path[-1].key, sd[key])
-    if tuple(value.shape) != tuple(leaf.shape):
-      wrong.append(f'{key} {tuple(sd[key].shape)}, expected '
-                   f'{tuple(_to_torch(path[-1].key, np.zeros(leaf.shape)).shape)}')
-      continue
-    node = params
-    for p in path[:-1]:
-      node = node.setdefault(p.key, {})
-    node[path[-1].key] = jnp.asarray(value, jnp.float32)
-  unexpected = sorted(set(sd) - used)
-  problems = [f'{label}: {", ".join(items[:8])}' + (f' (+{len(items) - 8} more)'
-                                                    if len(items) > 8 else '')
-              for label, items in (('missing entries', missing), ('unexpected entries',
-                                                                  unexpected),
-                                   ('wrongly shaped entries', wrong)) if items]
-  if problems:
-    raise ValueError(f'{layout} state_dict does not fit model {name!r} ({num_classes} classes): '
-                     + ' | '.join(problems))
-  return {'params': params}
+  return {'params': state_dict.fill(abstract['params'], sd, _flax_key,
+                                    f'model {name!r} ({num_classes} classes, {layout} layout)')}
 
 
 def to_state_dict(variables) -> Dict[str, np.ndarray]:
   """Zoo ViT variables -> timm's names and layouts."""
-  return {_flax_key(path): _to_torch(path[-1].key, np.asarray(leaf))
+  return {_flax_key(path): state_dict.to_torch(path[-1].key, np.asarray(leaf))
           for path, leaf in jax.tree_util.tree_flatten_with_path(dict(variables['params']))[0]}
