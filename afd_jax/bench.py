@@ -25,7 +25,7 @@ import numpy as np
 
 from afd_jax import collectives, distill, models, sharding, step
 
-METHODS = ('ce', 'kd', 'afd', 'fitnet', 'at', 'sp')
+METHODS = ('ce', 'kd') + distill.METHODS[1:]  # ce: the student alone; then the registry's
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 FEATURE_METHODS = tuple(m for m in distill.METHODS if m != 'none')  # timed next to kd
 
@@ -68,7 +68,7 @@ class Case:
     config = bench_config(method, args.teacher, args.student, args.qk_dim,
                           model_options(args, 'teacher'), model_options(args, 'student'),
                           args.bn_group_size, args.teacher_dtype)
-    self.method = method
+    self.method, self.bn_group_size = method, args.bn_group_size
     shape = (args.image_size, args.image_size, args.channels)
     self.task = step.task_from_config(config, args.num_classes, 781, DTYPES[args.dtype], shape)
     rep = sharding.replicated(mesh)
@@ -167,6 +167,9 @@ def main(argv=None) -> int:
                       help="the teacher's activations (default: --dtype)")
   parser.add_argument('--bn-group-size', type=int, default=0,
                       help='batch-norm statistics over groups of this many examples (0: global)')
+  parser.add_argument('--vs-global-bn', action='store_true',
+                      help='with --bn-group-size: also time every method with the global batch '
+                           'norm, interleaved in the same rounds, and report grouped/global')
   parser.add_argument('--devices', type=int, default=0,
                       help='N fake CPU devices (default: every device of the default backend)')
   parser.add_argument('--steps', type=int, default=30, help='timed steps per method')
@@ -190,6 +193,8 @@ def main(argv=None) -> int:
     parser.error('--devices and --bn-group-size must be >= 0')
   if args.bn_group_size and args.batch % args.bn_group_size:
     parser.error(f'--bn-group-size {args.bn_group_size} must divide --batch {args.batch}')
+  if args.vs_global_bn and not args.bn_group_size:
+    parser.error('--vs-global-bn compares against --bn-group-size k > 0; give one')
   if args.devices:
     use_cpu_devices(parser, args.devices)
   mesh = sharding.make_mesh((-1, 1))
@@ -208,12 +213,15 @@ def main(argv=None) -> int:
   except (ValueError, TypeError) as e:
     parser.error(str(e))
   cases = [Case(m, args, mesh) for m in methods]
-  for case in cases:
+  global_args = argparse.Namespace(**{**vars(args), 'bn_group_size': 0})
+  global_cases = [Case(m, global_args, mesh) for m in methods] if args.vs_global_bn else []
+  timed = cases + global_cases
+  for case in timed:
     case.run(args.warmup, record=False)
-  rounds = max(1, args.rounds if len(cases) > 1 else 1)
+  rounds = max(1, args.rounds if len(timed) > 1 else 1)
   per_round = [args.steps // rounds + (i < args.steps % rounds) for i in range(rounds)]
   for n in per_round:
-    for case in cases:
+    for case in timed:
       case.run(n, record=True)
   results = [summarize(c, args.batch) for c in cases]
   if args.compare_dtypes:
@@ -222,14 +230,19 @@ def main(argv=None) -> int:
       twin = Case(case.method, argparse.Namespace(**{**vars(args), 'dtype': other}), mesh)
       a, b = case.first_step_metrics(), twin.first_step_metrics()
       result[f'first_step_vs_{other}'] = {
-          k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12) for k in ('loss', 'ce', 'kd', 'afd',
-                                                                 'fitnet', 'at', 'sp') if k in a}
+          k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12)
+          for k in ('loss', 'ce', 'kd') + FEATURE_METHODS if k in a}
   report = {'device': f'{jax.devices()[0].device_kind} x {jax.device_count()}',
             'backend': jax.default_backend(), 'teacher': args.teacher, 'student': args.student,
             'batch': args.batch, 'dtype': args.dtype, 'image_size': args.image_size,
             'teacher_dtype': args.teacher_dtype or args.dtype, 'bn_group_size': args.bn_group_size,
             'devices': jax.device_count(),
             'peak_memory_bytes': peak_memory_bytes(), 'results': results}
+  if global_cases:
+    report['global_bn_results'] = [summarize(c, args.batch) for c in global_cases]
+    report['grouped_over_global'] = {
+        r['method']: r['median_step_ms'] / g['median_step_ms']
+        for r, g in zip(results, report['global_bn_results'])}
   by = {r['method']: r['median_step_ms'] for r in results}
   for m in FEATURE_METHODS:
     if m in by and 'kd' in by:
@@ -255,6 +268,11 @@ def main(argv=None) -> int:
   for key in [f'{m}_over_kd' for m in FEATURE_METHODS] + ['kd_over_ce']:
     if key in report:
       print(f'{key.replace("_over_", "/")}: {report[key]:.3f}')
+  for r in report.get('global_bn_results', ()):
+    total = r['collectives']['total']
+    print(f'{r["method"]} with the global batch norm: {r["median_step_ms"]:.1f} ms, '
+          f'{total["count"]} collectives ({total["bytes"] / 1e6:.2f} MB); grouped/global '
+          f'{report["grouped_over_global"][r["method"]]:.3f}')
   for r in results:
     for key, diffs in r.items():
       if key.startswith('first_step_vs_'):

@@ -2,7 +2,9 @@
 
 The mesh has two named axes, `data` (the batch is split along it) and `model` (reserved for
 sharding a large teacher's parameters; size 1 today). State is replicated. Because the batch is
-one global array, batch-norm statistics are means over the *global* batch: synchronised BN.
+one global array, batch-norm statistics are means over the *global* batch: synchronised BN,
+unless `config.bn_group_size` groups them (layers.batch_norm_groups), which with groups inside
+the per-device batch needs no communication.
 """
 import os
 from typing import Any, Sequence

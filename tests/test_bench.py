@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests import runs
 
 BLOCKED = ('tensorflow', 'tensorflow_datasets', 'ml_collections', 'clu', 'orbax', 'torch')
@@ -35,31 +37,32 @@ def test_bench_all_methods_without_tensorflow_or_ml_collections():
   assert report['batch'] == 8 and report['dtype'] == 'float32'
 
 
-def test_bench_counts_the_collectives_of_grouped_and_global_batch_norm():
-  """--devices 4 (fake CPU devices) and --bn-group-size: the JSON reports the compiled step's
-  collectives; groups of the per-device batch leave one all-reduce, the global batch norm one
-  per layer and pass."""
-  counts = {}
-  for group in ('0', '2'):
-    result = bench('--teacher', 'resnet8', '--student', 'resnet8', '--batch', '8', '--devices',
-                   '4', '--bn-group-size', group, '--image-size', '8', '--num-classes', '10',
-                   '--steps', '1', '--warmup', '0', '--method', 'kd', '--json')
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report['devices'] == 4 and report['bn_group_size'] == int(group)
-    counts[group] = report['results'][0]['collectives']
-  assert counts['2'] == {'all-reduce': counts['2']['total'], 'total': counts['2']['total']}
-  assert counts['2']['total']['count'] == 1 and counts['2']['total']['bytes'] > 0
-  assert counts['0']['all-reduce']['count'] >= 14  # resnet8's 7 batch norms, forward + backward
-
-
-def test_bench_prints_a_table_and_the_ratios():
-  result = bench('--teacher', 'resnet8', '--student', 'resnet8', '--batch', '8',
-                 '--image-size', '8', '--num-classes', '10', '--steps', '2', '--rounds', '1',
-                 '--warmup', '1', '--method', 'kd,at', '--dtype', 'bfloat16')
-  lines = result.stdout.splitlines()
+def test_bench_prints_a_table_and_counts_the_collectives_of_global_and_grouped_batch_norm():
+  """On 4 fake CPU devices (--devices): the table (with the compiled step's collectives) and
+  ratios for the global batch norm, in bfloat16; the JSON for groups of the per-device batch.
+  Groups leave one all-reduce in the step; the global batch norm needs one per layer and pass."""
+  common = ('--teacher', 'resnet8', '--student', 'resnet8', '--batch', '8', '--devices', '4',
+            '--image-size', '8', '--num-classes', '10', '--steps', '2', '--rounds', '1',
+            '--warmup', '1')
+  lines = bench(*common, '--method', 'kd,at', '--dtype', 'bfloat16').stdout.splitlines()
+  assert 'x 4 (cpu)' in lines[0] and 'bfloat16' in lines[0] and 'global BN' in lines[0]
   assert lines[1].split() == ['method', 'compile', 's', 'step', 'ms', 'img/s', 'GFLOP/step',
                               'TFLOP/s', 'collectives', 'MB']
+  kd_row = next(l.split() for l in lines if l.startswith('kd '))
+  assert int(kd_row[6]) >= 18  # resnet8's 9 batch norms, forward and backward
   assert any(l.startswith('at/kd: ') for l in lines)
+  result = bench(*common, '--bn-group-size', '2', '--vs-global-bn', '--method', 'kd', '--json')
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report['devices'] == 4 and report['bn_group_size'] == 2
+  counts = report['results'][0]['collectives']
+  assert counts == {'all-reduce': counts['total'], 'total': counts['total']}
+  assert counts['total']['count'] == 1 and counts['total']['bytes'] > 0
+  # --vs-global-bn: the same method with the global batch norm, timed in the same rounds.
+  (global_kd,) = report['global_bn_results']
+  assert global_kd['method'] == 'kd' and global_kd['steps_timed'] == 2
+  assert global_kd['collectives']['all-reduce']['count'] >= 18
+  assert report['grouped_over_global']['kd'] == pytest.approx(
+      report['results'][0]['median_step_ms'] / global_kd['median_step_ms'])
 
 
 def test_bench_rejects_bad_arguments():
