@@ -68,10 +68,14 @@ def batch_norm_group_count(batch: int) -> int:
   return batch // size
 
 
-def running_update(running: jax.Array, group_values: jax.Array, momentum: float) -> jax.Array:
-  """PyTorch's running-average update with the mean over groups (axis 0) of `group_values`."""
-  value = jax.lax.stop_gradient(jnp.mean(group_values, axis=0))
-  return (1 - momentum) * running + momentum * value
+def running_update(running: jax.Array, batch_value: jax.Array, momentum: float) -> jax.Array:
+  """PyTorch's running-average update towards `batch_value` (no gradient flows into it)."""
+  return (1 - momentum) * running + momentum * jax.lax.stop_gradient(batch_value)
+
+
+def mean_over_groups(group_values: jax.Array, groups: int) -> jax.Array:
+  """The mean over G groups of per-group statistics (any shape with G * features elements)."""
+  return jnp.mean(group_values.reshape(groups, -1), axis=0)
 
 
 class BatchNorm(nn.Module):
@@ -111,17 +115,25 @@ class BatchNorm(nn.Module):
       mul = jax.lax.rsqrt(running_var.value + self.epsilon) * scale
       return ((at_least_f32(x) - running_mean.value) * mul + bias).astype(dtype)
     groups = batch_norm_group_count(x.shape[0])
-    xg = at_least_f32(x).reshape((groups, x.shape[0] // groups) + x.shape[1:])
-    axes = tuple(range(1, xg.ndim - 1))
-    mean = jnp.mean(xg, axes, keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axes, keepdims=True)
+    xf = at_least_f32(x)
+    if groups == 1:  # the global batch norm, computed exactly as it always was
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
+      batch_mean, batch_var = mean, var
+    else:
+      xf = xf.reshape((groups, x.shape[0] // groups) + x.shape[1:])
+      axes = tuple(range(1, xf.ndim - 1))
+      mean = jnp.mean(xf, axes, keepdims=True)
+      var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)
+      batch_mean, batch_var = mean_over_groups(mean, groups), mean_over_groups(var, groups)
     if not self.is_initializing():
-      n = xg[0].size // features
-      running_mean.value = running_update(running_mean.value, mean.reshape(groups, features),
-                                          self.momentum)
-      running_var.value = running_update(
-          running_var.value, var.reshape(groups, features) * (n / max(n - 1, 1)), self.momentum)
-    y = (xg - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+      n = x.size // features // groups
+      running_mean.value = running_update(running_mean.value, batch_mean, self.momentum)
+      running_var.value = running_update(running_var.value, batch_var * (n / max(n - 1, 1)),
+                                         self.momentum)
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale
+    y = (xf - mean) * mul + bias
     return y.reshape(x.shape).astype(dtype)
 
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from afd_jax.distill import registry
 from afd_jax.distill.pooling import adaptive_avg_pool2d
 from afd_jax.layers import (BatchNorm, at_least_f32, batch_norm_group_count, check_feature_pair,
-                            linear, linear_bias_init, linear_kernel_init, running_update,
+                            linear, linear_bias_init, linear_kernel_init, mean_over_groups,
+                            running_update,
                             spatial_mean, xavier_normal)
 
 
@@ -77,20 +78,31 @@ class BilinearLogits(nn.Module):
     gamma, beta, running_mean, running_var = _BatchNormParams(t * d, name='bn')()
     if train:  # statistics per group of examples (one group: the whole batch), see BatchNorm
       groups = batch_norm_group_count(batch)
-      rows = key.reshape(groups, batch // groups * s, d)
-      key_mean = jnp.mean(rows, axis=1, keepdims=True)                     # G x 1 x d
-      centred = rows - key_mean
-      covariance = jnp.einsum('gri,grj->gij', centred, centred) / rows.shape[1]
-      mean = key_mean[:, 0] @ kernel + bias                                # G x T*d
-      var = jnp.sum(kernel * jnp.einsum('gij,jk->gik', covariance, kernel), axis=1)
+      if groups == 1:  # the global batch norm, computed exactly as it always was
+        rows = key.reshape(batch * s, d)
+        key_mean = jnp.mean(rows, axis=0)
+        centred = rows - key_mean
+        covariance = centred.T @ centred / rows.shape[0]
+        mean = key_mean @ kernel + bias                                    # T*d
+        var = jnp.sum(kernel * (covariance @ kernel), axis=0)
+        batch_mean, batch_var = mean, var
+      else:
+        rows = key.reshape(groups, batch // groups * s, d)
+        key_mean = jnp.mean(rows, axis=1, keepdims=True)                   # G x 1 x d
+        centred = rows - key_mean
+        covariance = jnp.einsum('gri,grj->gij', centred, centred) / rows.shape[1]
+        mean = key_mean[:, 0] @ kernel + bias                              # G x T*d
+        var = jnp.sum(kernel * jnp.einsum('gij,jk->gik', covariance, kernel), axis=1)
+        batch_mean, batch_var = mean_over_groups(mean, groups), mean_over_groups(var, groups)
       if not self.is_initializing():
-        n = rows.shape[1]
-        running_mean.value = running_update(running_mean.value, mean, self.momentum)
-        running_var.value = running_update(running_var.value, var * n / max(n - 1, 1),
+        n = batch // groups * s
+        running_mean.value = running_update(running_mean.value, batch_mean, self.momentum)
+        running_var.value = running_update(running_var.value, batch_var * n / max(n - 1, 1),
                                            self.momentum)
       inputs, offset = centred.reshape(batch, s, d), jnp.zeros((t, d), key.dtype)
-      scale = jnp.repeat((gamma * jax.lax.rsqrt(var + self.epsilon)).reshape(groups, t, d),
-                         batch // groups, axis=0)                          # B x T x d
+      scale = gamma * jax.lax.rsqrt(var + self.epsilon)
+      scale = (scale.reshape(t, d) if groups == 1 else                     # T x d, or B x T x d
+               jnp.repeat(scale.reshape(groups, t, d), batch // groups, axis=0))
     else:
       mean, var = running_mean.value, running_var.value
       inputs, offset = key, (bias - mean).reshape(t, d)
