@@ -26,7 +26,7 @@ import numpy as np
 from afd_jax import collectives, distill, models, sharding, step
 
 METHODS = ('ce', 'kd') + distill.METHODS[1:]  # ce: the student alone; then the registry's
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = step.DTYPES
 FEATURE_METHODS = tuple(m for m in distill.METHODS if m != 'none')  # timed next to kd
 
 

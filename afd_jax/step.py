@@ -19,6 +19,8 @@ from afd_jax.distill import cross_entropy, kd_loss
 from afd_jax.state import TrainState
 
 Batch = Dict[str, jax.Array]
+# Activation dtypes by their config names (`config.dtype`, `config.teacher.dtype`).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 Metrics = Dict[str, jax.Array]
 
 
@@ -63,7 +65,7 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
   distil = is_distillation(config)
   student = models.from_config(config.student, num_classes, dtype, image_shape)
   teacher_dtype = getattr(config.teacher, 'dtype', '')
-  teacher_dtype = jnp.dtype(teacher_dtype) if teacher_dtype else dtype
+  teacher_dtype = DTYPES[teacher_dtype] if teacher_dtype else dtype
   teacher = (models.from_config(config.teacher, num_classes, teacher_dtype, image_shape)
              if distil else None)
   distiller = distill.create(config.method, config, student.taps(),

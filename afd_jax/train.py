@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from afd_jax import checkpoint, data, distill, metrics, models, sharding, step, workdir_lock
 from afd_jax.errors import UserError, warn
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = step.DTYPES
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, a checkpoint was saved; rerun to resume.
 
 

@@ -180,7 +180,6 @@ class AFD(nn.Module):
     check_feature_pair(student_features, teacher_features)
     teacher_features = [jax.lax.stop_gradient(f) for f in teacher_features]
     t, s, d = len(teacher_features), len(student_features), self.qk_dim
-    batch = student_features[0].shape[0]
 
     query = jnp.stack([LinearBN(d, relu=False, name=f'query_{n}')(spatial_mean(f), train)
                        for n, f in enumerate(teacher_features)], 1)           # B x T x d
