@@ -43,9 +43,10 @@ def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128,
 
   fitnet/at/sp are timed with KD 0.9 on top, like afd (CRD runs them without KD), so that every
   feature method's ratio to kd is the cost of its feature loss alone."""
-  if method not in METHODS:
-    raise ValueError(f'Unknown method {method!r}. Known methods: {", ".join(METHODS)}.')
-  feature = method if method in distill.METHODS else 'none'
+  known = ('ce', 'kd') + distill.registry.names()[1:]  # methods registered since import too
+  if method not in known:
+    raise ValueError(f'Unknown method {method!r}. Known methods: {", ".join(known)}.')
+  feature = method if method not in ('ce', 'kd') else 'none'
   return namespace({
       'method': feature,
       'teacher': {'name': teacher, 'dtype': teacher_dtype, **(teacher_options or {})},
@@ -54,7 +55,8 @@ def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128,
       'num_epochs': 240, 'bn_group_size': bn_group_size,
       'loss': {'ce_weight': 1.0, 'kd_weight': 0.0 if method == 'ce' else 0.9,
                'kd_temperature': 4.0,
-               'feature_weight': distill.DEFAULT_FEATURE_WEIGHT.get(feature, 0.0)},
+               'feature_weight': (distill.registry.get(feature).feature_weight
+                                  if feature != 'none' else 0.0)},
       'optimizer': {'learning_rate': 0.05, 'momentum': 0.9, 'nesterov': False,
                     'weight_decay': 5e-4, 'decay_bias_and_bn': True, 'schedule': 'step',
                     'decay_epochs': (150, 180, 210), 'decay_factor': 0.1,
@@ -70,7 +72,9 @@ class Case:
                           args.bn_group_size, args.teacher_dtype)
     self.method, self.bn_group_size = method, args.bn_group_size
     shape = (args.image_size, args.image_size, args.channels)
-    self.task = step.task_from_config(config, args.num_classes, 781, DTYPES[args.dtype], shape)
+    # CIFAR's 50000 training examples at 781 steps per epoch (methods with per-example state).
+    self.task = step.task_from_config(config, args.num_classes, 781, DTYPES[args.dtype], shape,
+                                      num_train_examples=50000)
     rep = sharding.replicated(mesh)
     images = jnp.zeros((2,) + shape)
     self.teacher_vars = None
@@ -84,7 +88,8 @@ class Case:
     rng = np.random.default_rng(0)
     self.batch = sharding.global_batch(
         {'image': rng.normal(size=(args.batch,) + shape).astype(np.float32),
-         'label': rng.integers(0, args.num_classes, args.batch).astype(np.int32)}, mesh)
+         'label': rng.integers(0, args.num_classes, args.batch).astype(np.int32),
+         'index': rng.permutation(50000)[:args.batch].astype(np.int32)}, mesh)
     jitted = step.jit_train_step(self.task, mesh)
     start = time.perf_counter()
     self.compiled = jitted.lower(self.state, self.teacher_vars, self.batch).compile()

@@ -4,6 +4,11 @@ One train step is one XLA program: frozen teacher forward (inference-mode batch 
 forward and backward (training batch norms over the global batch, or over groups of
 `bn_group_size` examples: `layers.batch_norm_groups`), the feature distiller, the objective
 `ce_weight * CE + kd_weight * KD(T) + feature_weight * feature_loss`, and the optimizer update.
+The distiller gets the extra inputs its method declares (`distill.registry.INPUTS`: logits,
+labels, example indices, embeddings, ...). A method with a pre-training stage
+(`registry.Pretrain`, the CRD benchmark's `init_epochs`) trains first with a step of its own
+(`make_pretrain_step`): only the method's loss, only the parts it names, its own optimizer
+state (`opt_state` is then `(pretrain, main)`).
 """
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -43,10 +48,33 @@ class Task:
   feature_weight: float = 0.0
   bn_group_size: int = 0  # training batch norms of student and distiller: 0 = global batch
   nan_at_step: int = -1  # Fault injection (tests of the divergence guard): CE is NaN at this step.
+  distiller_inputs: Tuple[str, ...] = ()  # extra inputs of the distiller (registry.INPUTS)
+  steps_per_epoch: int = 1
+  pretrain: Optional['PretrainTask'] = None
 
   @property
   def needs_teacher(self) -> bool:
     return self.distiller is not None or self.kd_weight > 0
+
+  @property
+  def pretrain_steps(self) -> int:
+    return self.pretrain.steps if self.pretrain is not None else 0
+
+  def needs(self, *inputs: str) -> bool:
+    return any(i in self.distiller_inputs for i in inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainTask:
+  """The method's own stage before the main training (`registry.Pretrain`): `steps` steps of
+  `tx` on the parts in `trains`, minimising the distiller's `method`; `classifier` is the
+  student classifier's module path, left out of 'student_body'."""
+  steps: int
+  tx: optax.GradientTransformation
+  trains: Tuple[str, ...]
+  method: str
+  learning_rate: float
+  classifier: Tuple[str, ...] = ()
 
 
 def is_distillation(config) -> bool:
@@ -55,13 +83,15 @@ def is_distillation(config) -> bool:
 
 
 def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.float32,
-                     image_shape=None) -> Task:
+                     image_shape=None, num_train_examples: int = 0) -> Task:
   """The Task a config describes (models, distiller, objective, optimizer and schedule).
 
   `config` needs attribute access only (an ml_collections ConfigDict, or namespaces in the
   benchmark, which runs without ml_collections). `image_shape` (H, W, C) is needed for models
-  whose taps are found by tracing (`models.from_config`). The teacher computes in
-  `config.teacher.dtype` where that is set ('float32' or 'bfloat16'), else in `dtype`."""
+  whose taps are found by tracing (`models.from_config`) and for a pre-training stage. The
+  teacher computes in `config.teacher.dtype` where that is set ('float32' or 'bfloat16'), else
+  in `dtype`. `num_train_examples`: the training split's size, for methods that keep
+  per-example state (0 where unknown)."""
   distil = is_distillation(config)
   student = models.from_config(config.student, num_classes, dtype, image_shape)
   teacher_dtype = getattr(config.teacher, 'dtype', '')
@@ -69,14 +99,49 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
   teacher = (models.from_config(config.teacher, num_classes, teacher_dtype, image_shape)
              if distil else None)
   distiller = distill.create(config.method, config, student.taps(),
-                             teacher.taps() if teacher else ())
+                             teacher.taps() if teacher else (), num_classes=num_classes,
+                             num_train_examples=num_train_examples,
+                             steps_per_epoch=steps_per_epoch)
+  method = distill.registry.get(config.method) if distiller is not None else None
+  pretrain = None
+  if method is not None and method.pretrain is not None:
+    pretrain = pretrain_task(config, method.pretrain, student, steps_per_epoch, image_shape)
   schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
-  return Task(student=student, teacher=teacher, distiller=distiller,
-              tx=optim.make_optimizer(config.optimizer, schedule), schedule=schedule,
+  tx = optim.make_optimizer(config.optimizer, schedule)  # counts its own (main-stage) updates
+  if pretrain is not None and pretrain.steps:  # the reported rate, by state.step
+    main_schedule, offset = schedule, pretrain.steps
+    schedule = lambda count: main_schedule(jnp.maximum(count - offset, 0))
+  return Task(student=student, teacher=teacher, distiller=distiller, tx=tx, schedule=schedule,
               feature_name=config.method, ce_weight=config.loss.ce_weight,
               kd_weight=config.loss.kd_weight, kd_temperature=config.loss.kd_temperature,
               feature_weight=config.loss.feature_weight if distiller else 0.0,
-              bn_group_size=getattr(config, 'bn_group_size', 0))
+              bn_group_size=getattr(config, 'bn_group_size', 0),
+              distiller_inputs=method.inputs if method is not None else (),
+              steps_per_epoch=steps_per_epoch,
+              pretrain=pretrain if pretrain is not None and pretrain.steps else None)
+
+
+def pretrain_task(config, spec: 'distill.registry.Pretrain', student, steps_per_epoch: int,
+                  image_shape) -> PretrainTask:
+  """The pre-training stage of `config` (`config.pretrain.*`, else `spec`'s defaults): SGD with
+  momentum and coupled weight decay at a constant learning rate, as the CRD benchmark's
+  `init()` (PyTorch's SGD: `g + wd * p` into the momentum buffer)."""
+  def option(key):  # config.pretrain.<key>; negative or absent: the method's default
+    value = distill.registry.option(config, 'pretrain', key, -1)
+    return getattr(spec, key) if value is None or value < 0 else value
+
+  epochs, lr = option('epochs'), option('learning_rate')
+  tx = optax.chain(optax.add_decayed_weights(option('weight_decay')),
+                   optax.sgd(lr, momentum=option('momentum') or None))
+  classifier = ()
+  if 'student_body' in spec.trains:
+    if image_shape is None:
+      raise ValueError('a pre-training stage of the student body needs image_shape.')
+    abstract = jax.eval_shape(lambda: student.init(
+        jax.random.PRNGKey(0), jnp.zeros((2,) + tuple(image_shape)), train=False))
+    classifier = models.classifier_path(student, abstract, image_shape)
+  return PretrainTask(steps=int(round(epochs * steps_per_epoch)), tx=tx, trains=spec.trains,
+                      method=spec.method, learning_rate=float(lr), classifier=classifier)
 
 
 def check_batch_norm_groups(task: Task, image_shape) -> None:
@@ -105,6 +170,33 @@ def check_batch_norm_groups(task: Task, image_shape) -> None:
         f'afd_jax.layers.BatchNorm in the model, or bn_group_size=0.')
 
 
+def _forward(model, variables, images, train: bool, embedding: bool, **kwargs):
+  """`model.apply` -> `(logits, features, embedding or None)` (and the state where mutable)."""
+  if embedding:
+    return models.apply_with_embedding(model, variables, images, train, **kwargs)
+  result = model.apply(variables, images, train=train, **kwargs)
+  if kwargs.get('mutable', False) is not False:
+    (logits, features), state = result
+    return (logits, features, None), state
+  return result + (None,)
+
+
+def distiller_inputs(task: Task, *, student_logits=None, teacher_logits=None,
+                     student_embedding=None, teacher_embedding=None, batch=None,
+                     step=None, rng=None) -> Dict[str, Any]:
+  """The extra inputs of the distiller's call that its method declares (`task.distiller_inputs`)."""
+  available = {
+      'student_logits': lambda: student_logits, 'teacher_logits': lambda: teacher_logits,
+      'student_embedding': lambda: student_embedding,
+      'teacher_embedding': lambda: teacher_embedding,
+      'labels': lambda: batch['label'], 'index': lambda: batch['index'],
+      'epoch': lambda: (jnp.maximum(step - task.pretrain_steps, 0) // task.steps_per_epoch
+                        + 1).astype(jnp.int32),
+      'rng': lambda: rng,
+  }
+  return {name: available[name]() for name in task.distiller_inputs}
+
+
 def init_state(task: Task, rng: jax.Array, image_shape, teacher_abstract=None) -> TrainState:
   """A fresh state (call under `jit`, or `jax.eval_shape` for the abstract one)."""
   student_rng, distiller_rng, base_rng = jax.random.split(rng, 3)
@@ -113,32 +205,50 @@ def init_state(task: Task, rng: jax.Array, image_shape, teacher_abstract=None) -
   params = {'student': student_vars['params'], 'distiller': {}}
   stats = {'student': student_vars.get('batch_stats', {}), 'distiller': {}}
   if task.distiller is not None:
-    zeros = lambda shapes: [jnp.zeros(s.shape, jnp.float32) for s in shapes]
-    _, s_feats = jax.eval_shape(lambda v: task.student.apply(v, images, train=False), student_vars)
-    _, t_feats = jax.eval_shape(lambda v: task.teacher.apply(v, images, train=False),
-                                teacher_abstract)
-    distiller_vars = task.distiller.init(distiller_rng, zeros(s_feats), zeros(t_feats), train=False)
+    embed = task.needs('student_embedding', 'teacher_embedding')
+    zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+    s_out = zeros(jax.eval_shape(lambda v: _forward(task.student, v, images, False, embed),
+                                 student_vars))
+    t_out = zeros(jax.eval_shape(lambda v: _forward(task.teacher, v, images, False, embed),
+                                 teacher_abstract))
+    f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    batch = {'label': jnp.zeros((2,), jnp.int32), 'index': jnp.arange(2, dtype=jnp.int32)}
+    inputs = distiller_inputs(task, student_logits=s_out[0], teacher_logits=t_out[0],
+                              student_embedding=s_out[2], teacher_embedding=t_out[2],
+                              batch=batch, step=jnp.zeros((), jnp.int32),
+                              rng=jax.random.PRNGKey(0))
+    distiller_vars = task.distiller.init(distiller_rng, f32(s_out[1]), f32(t_out[1]),
+                                         train=False, **inputs)
     params['distiller'] = distiller_vars.get('params', {})
     stats['distiller'] = distiller_vars.get('batch_stats', {})
+  opt_state = task.tx.init(params)
+  if task.pretrain is not None:
+    opt_state = (task.pretrain.tx.init(params), opt_state)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
-                    opt_state=task.tx.init(params), rng=base_rng)
+                    opt_state=opt_state, rng=base_rng)
+
+
+def _main_opt_state(task: Task, opt_state):
+  return opt_state[1] if task.pretrain is not None else opt_state
 
 
 def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[TrainState, Metrics]]:
   """`train_step(state, teacher_variables, batch) -> (state, metrics)`; pure."""
+  embed = task.needs('student_embedding', 'teacher_embedding')
 
   def train_step(state: TrainState, teacher_vars, batch: Batch):
     images, labels = batch['image'], batch['label']
     rng = jax.random.fold_in(state.rng, state.step)
-    t_logits = t_feats = None
+    t_logits = t_feats = t_embedding = None
     if task.needs_teacher:
-      t_logits, t_feats = jax.lax.stop_gradient(task.teacher.apply(teacher_vars, images, train=False))
+      t_logits, t_feats, t_embedding = jax.lax.stop_gradient(
+          _forward(task.teacher, teacher_vars, images, False, embed))
 
     def loss_fn(params):
       with layers.batch_norm_groups(task.bn_group_size):
-        (logits, s_feats), s_updates = task.student.apply(
-            {'params': params['student'], 'batch_stats': state.batch_stats['student']}, images,
-            train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+        (logits, s_feats, s_embedding), s_updates = _forward(
+            task.student, {'params': params['student'], 'batch_stats': state.batch_stats['student']},
+            images, True, embed, mutable=['batch_stats'], rngs={'dropout': rng})
       terms = {'ce': cross_entropy(logits, labels)}
       if task.nan_at_step > 0:
         terms['ce'] = jnp.where(state.step + 1 == task.nan_at_step, jnp.nan, terms['ce'])
@@ -149,10 +259,13 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
       stats = {'student': s_updates['batch_stats'], 'distiller': state.batch_stats['distiller']}
       aux = None
       if task.distiller is not None:
+        inputs = distiller_inputs(task, student_logits=logits, teacher_logits=t_logits,
+                                  student_embedding=s_embedding, teacher_embedding=t_embedding,
+                                  batch=batch, step=state.step, rng=jax.random.fold_in(rng, 1))
         with layers.batch_norm_groups(task.bn_group_size):
           (feature_loss, aux), d_updates = task.distiller.apply(
               {'params': params['distiller'], 'batch_stats': state.batch_stats['distiller']},
-              s_feats, t_feats, train=True, mutable=['batch_stats'])
+              s_feats, t_feats, train=True, mutable=['batch_stats'], **inputs)
         stats['distiller'] = d_updates.get('batch_stats', {})
         terms[task.feature_name] = feature_loss
         loss += task.feature_weight * feature_loss
@@ -160,8 +273,11 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
 
     (loss, (terms, stats, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
-    updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
+    main_opt_state = _main_opt_state(task, state.opt_state)
+    updates, main_opt_state = task.tx.update(grads, main_opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    opt_state = ((state.opt_state[0], main_opt_state) if task.pretrain is not None
+                 else main_opt_state)
     metrics = {**terms, 'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'top1': jnp.mean(jnp.argmax(logits, -1) == labels),
                'learning_rate': task.schedule(state.step)}
@@ -172,6 +288,67 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
     return new_state, metrics
 
   return train_step
+
+
+def _trainable_mask(task: Task, params) -> Dict[str, Any]:
+  """True for the parameters the pre-training stage updates (`PretrainTask.trains`)."""
+  trains = task.pretrain.trains
+  distiller = jax.tree.map(lambda _: 'distiller' in trains, params['distiller'])
+  student = jax.tree.map(lambda _: 'student_body' in trains, params['student'])
+  if 'student_body' in trains and task.pretrain.classifier:
+    node = student
+    for key in task.pretrain.classifier[:-1]:
+      node = node[key]
+    node[task.pretrain.classifier[-1]] = jax.tree.map(
+        lambda _: False, node[task.pretrain.classifier[-1]])
+  return {'student': student, 'distiller': distiller}
+
+
+def make_pretrain_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[TrainState, Metrics]]:
+  """`pretrain_step(state, teacher_variables, batch) -> (state, metrics)`: one step of the
+  method's own stage. Its loss is the distiller's `PretrainTask.method`; only the parts in
+  `trains` change (their gradients only reach the pre-training optimizer; the rest are
+  frozen). The student runs in training mode (batch statistics updated) when its body trains,
+  else in inference mode."""
+  pre = task.pretrain
+  embed = task.needs('student_embedding', 'teacher_embedding')
+  train_student = 'student_body' in pre.trains
+
+  def pretrain_step(state: TrainState, teacher_vars, batch: Batch):
+    images = batch['image']
+    rng = jax.random.fold_in(state.rng, state.step)
+    t_logits, t_feats, t_embedding = jax.lax.stop_gradient(
+        _forward(task.teacher, teacher_vars, images, False, embed))
+
+    def loss_fn(params):
+      student_vars = {'params': params['student'], 'batch_stats': state.batch_stats['student']}
+      with layers.batch_norm_groups(task.bn_group_size):
+        (logits, s_feats, s_embedding), s_updates = _forward(
+            task.student, student_vars, images, train_student, embed, mutable=['batch_stats'],
+            rngs={'dropout': rng})
+        inputs = distiller_inputs(task, student_logits=logits, teacher_logits=t_logits,
+                                  student_embedding=s_embedding, teacher_embedding=t_embedding,
+                                  batch=batch, step=state.step, rng=jax.random.fold_in(rng, 1))
+        (loss, _), d_updates = task.distiller.apply(
+            {'params': params['distiller'], 'batch_stats': state.batch_stats['distiller']},
+            s_feats, t_feats, train=True, mutable=['batch_stats'], method=pre.method, **inputs)
+      stats = {'student': s_updates['batch_stats'] if train_student else state.batch_stats['student'],
+               'distiller': d_updates.get('batch_stats', {})}
+      return loss, (stats, logits)
+
+    (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    mask = _trainable_mask(task, grads)
+    grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask)
+    updates, pre_opt_state = pre.tx.update(grads, state.opt_state[0], state.params)
+    updates = jax.tree.map(lambda u, m: u if m else jnp.zeros_like(u), updates, mask)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'pretrain': loss, 'loss': loss, 'grad_norm': optax.tree.norm(grads),
+               'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+               'learning_rate': jnp.asarray(pre.learning_rate, jnp.float32)}
+    return state.replace(step=state.step + 1, params=params, batch_stats=stats,
+                         opt_state=(pre_opt_state, state.opt_state[1])), metrics
+
+  return pretrain_step
 
 
 def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
@@ -198,6 +375,13 @@ def jit_train_step(task: Task, mesh: Mesh):
   Teacher variables are replicated and never donated."""
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return jax.jit(make_train_step(task), in_shardings=(rep, rep, data),
+                 out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def jit_pretrain_step(task: Task, mesh: Mesh):
+  """The pre-training stage's step, compiled as `jit_train_step` is."""
+  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+  return jax.jit(make_pretrain_step(task), in_shardings=(rep, rep, data),
                  out_shardings=(rep, rep), donate_argnums=(0,))
 
 

@@ -48,6 +48,11 @@ def validate(config) -> None:
       distill.registry.get(config.method)
     except ValueError as e:
       raise UserError(str(e)) from None
+    if 'index' in distill.registry.get(config.method).inputs and config.dataset.shuffle_buffer:
+      raise UserError(f"method {config.method!r} needs each example's index in the training "
+                      f'split, which a streamed pipeline (dataset.shuffle_buffer='
+                      f'{config.dataset.shuffle_buffer}) does not know; set '
+                      'dataset.shuffle_buffer=0 to hold the split in memory.')
   distil = step.is_distillation(config)
   names = [config.student.name] + ([config.teacher.name] if distil else [])
   for name in names:
@@ -172,13 +177,14 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
                  else int(round(config.num_epochs * steps_per_epoch)))
   try:
     task = step.task_from_config(config, info.num_classes, steps_per_epoch, DTYPES[config.dtype],
-                                 info.image_shape)
+                                 info.image_shape, num_train_examples=info.num_train)
     step.check_batch_norm_groups(task, info.image_shape)
   except (ValueError, TypeError) as e:  # a factory's kwargs, taps that match nothing, a grid
     raise UserError(str(e)) from None
   if config.debug_nan_at_step > 0:
     task = dataclasses.replace(task, nan_at_step=config.debug_nan_at_step)
   student, teacher = task.student, task.teacher
+  total_steps += task.pretrain_steps  # the method's own stage comes first
 
   # Everything that can refuse does so before anything is written or compiled.
   expected = checkpoint.fingerprint(config, info.num_classes, distil)
@@ -229,6 +235,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   checkpoint.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
   train_step = step.jit_train_step(task, mesh)
+  pretrain_step = step.jit_pretrain_step(task, mesh) if task.pretrain is not None else None
   eval_student = step.jit_eval_step(student, mesh)
   writer.console(
       f'{config.name}: {config.student.name}'
@@ -258,7 +265,8 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   try:
     for step_index in range(start_step, total_steps):
       batch = sharding.global_batch(next(train_iter), mesh)
-      state, step_metrics = train_step(state, teacher_vars, batch)
+      run = pretrain_step if step_index < task.pretrain_steps else train_step
+      state, step_metrics = run(state, teacher_vars, batch)
       history.append(step_metrics)
       done = step_index + 1
       epoch_end = done % steps_per_epoch == 0 or done == total_steps
@@ -281,7 +289,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
         writer.scalars(done, {**{f'train/{k}': float(v) for k, v in means.items()}, **speed})
         writer.console(
             f'step {done}/{total_steps} (epoch {done / steps_per_epoch:.2f}) '
-            f'{metrics.format_terms(means, ["loss", "ce", "kd", config.method])} '
+            f'{metrics.format_terms(means, ["loss", "pretrain", "ce", "kd", config.method])} '
             f'top1 {100 * means["top1"]:.1f} lr {means["learning_rate"]:.4g} | '
             f'{speed["images_per_sec"]:.0f} img/s, {1000 * speed["step_time"]:.0f} ms/step, '
             f'ETA {metrics.format_duration(speed["eta_sec"])}')

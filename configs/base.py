@@ -81,6 +81,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.fitnet.teacher_tap = -1      # tap index into model.taps()
   c.fitnet.relu = True           # regressor 1x1 conv -> BN -> ReLU, as CRD's ConvReg
 
+  # The method's own stage before the main training (AB, FT, FSP: the CRD benchmark's
+  # init_epochs); -1 takes the method's default (afd_jax/distill/<method>.py's Pretrain).
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.epochs = -1.0
+  c.pretrain.learning_rate = -1.0
+  c.pretrain.momentum = -1.0
+  c.pretrain.weight_decay = -1.0
+
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 0.05   # for the global batch size below
   c.optimizer.momentum = 0.9

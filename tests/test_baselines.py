@@ -425,7 +425,7 @@ def registered_toy_method():
       return jnp.mean(jnp.square(jnp.mean(s, -1) - jnp.mean(t, -1))), None
 
   method = distill.registry.register(distill.registry.Method(
-      'toy_last_mse', build=lambda config, s_taps, t_taps: LastTapMSE(), feature_weight=7.0,
+      'toy_last_mse', build=lambda config, setting: LastTapMSE(), feature_weight=7.0,
       taps='the last tap of each model'))
   yield method
   distill.registry._METHODS.pop(method.name)  # pylint: disable=protected-access

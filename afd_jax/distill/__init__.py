@@ -1,7 +1,8 @@
-"""Distillation losses. Feature distillers take lists of feature maps and know nothing of models.
+"""Distillation losses. Distillers take lists of feature maps and know nothing of models.
 
-Every feature distiller is a linen module called as `(student_features, teacher_features,
-train)` that returns `(loss, aux)`. Each method's file registers it (`registry.register`: name,
+Every distiller is a linen module called as `(student_features, teacher_features, train,
+**inputs)` that returns `(loss, aux)`; `inputs` are what the method declares beyond features
+(logits, labels, embeddings, example indices, ...: `registry.INPUTS`). Each method's file registers it (`registry.register`: name,
 builder, default loss weights, the taps it uses); `create(method, ...)` builds one by name for
 the engine. Every module of this package is imported, so a new method is one new file.
 Parameter-free distillers (AT, SP) are modules whose variables are empty.
@@ -27,14 +28,17 @@ METHODS = registry.names()
 DEFAULT_FEATURE_WEIGHT = {name: registry.get(name).feature_weight for name in METHODS[1:]}
 
 
-def create(method: str, config, student_taps: Sequence, teacher_taps: Sequence) -> Optional[nn.Module]:
-  """The feature distiller `method` ('none' -> None), configured from `config`.
+def create(method: str, config, student_taps: Sequence, teacher_taps: Sequence,
+           **data) -> Optional[nn.Module]:
+  """The distiller `method` ('none' -> None), configured from `config`.
 
   `student_taps`/`teacher_taps` are the models' `taps()`; layer choices are derived from them.
+  `data`: the other fields of `registry.Setting` (num_classes, num_train_examples, ...).
   """
   if method == 'none':
     return None
-  return registry.get(method).build(config, student_taps, teacher_taps)
+  setting = registry.Setting(tuple(student_taps), tuple(teacher_taps), **data)
+  return registry.get(method).build(config, setting)
 
 
 __all__ = ['AFD', 'AT', 'DEFAULT_FEATURE_WEIGHT', 'FitNet', 'METHODS', 'SP', 'create',

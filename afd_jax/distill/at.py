@@ -87,8 +87,8 @@ class AT(nn.Module):
 
 
 registry.register(registry.Method(
-    'at', build=lambda config, student_taps, teacher_taps: AT(
-        pairs=stage_pairs(student_taps, teacher_taps)),
+    'at', build=lambda config, setting: AT(
+        pairs=stage_pairs(setting.student_taps, setting.teacher_taps)),
     feature_weight=1000.0,
     taps="the last tap of each stage, the student's last stages paired with the teacher's",
     source='CRD benchmark, scripts/run_cifar_distill.sh: --distill attention -a 0 -b 1000'))

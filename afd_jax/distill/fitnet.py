@@ -77,12 +77,12 @@ class FitNet(nn.Module):
     return jnp.mean(jnp.square(x - f_t)), None
 
 
-def _build(config, student_taps, teacher_taps) -> FitNet:
+def _build(config, setting: registry.Setting) -> FitNet:
   option = registry.option
   return FitNet(
-      student_tap=resolve_tap(option(config, 'fitnet', 'student_tap', -1), student_taps,
+      student_tap=resolve_tap(option(config, 'fitnet', 'student_tap', -1), setting.student_taps,
                               'fitnet.student_tap'),
-      teacher_tap=resolve_tap(option(config, 'fitnet', 'teacher_tap', -1), teacher_taps,
+      teacher_tap=resolve_tap(option(config, 'fitnet', 'teacher_tap', -1), setting.teacher_taps,
                               'fitnet.teacher_tap'),
       relu=bool(option(config, 'fitnet', 'relu', True)))
 

@@ -1,19 +1,66 @@
-"""The registry of feature-distillation methods: each method's file registers itself.
+"""The registry of distillation methods: each method's file registers itself.
 
   register(Method('at', build=..., feature_weight=1000.0, taps='...', source='...'))
 
-`build(config, student_taps, teacher_taps)` returns the method's linen module, called as
-`(student_features, teacher_features, train) -> (loss, aux)`; the taps are the models'
-`taps()`, from which a method derives the layers it uses. `feature_weight` and
-`logit_weights` (CE, KD) are its defaults in `configs/methods.py`. A new method is one file in
+`build(config, setting)` returns the method's linen module, called as
+`(student_features, teacher_features, train, **inputs) -> (loss, aux)`. `setting` (a
+`Setting`) holds the models' `taps()`, from which a method derives the layers it uses, and
+what the data is (classes, training examples, steps per epoch). `inputs` are the extra
+keyword inputs the method declares (`Method.inputs`, names from `INPUTS`); the step passes
+exactly those. `feature_weight` and `logit_weights` (CE, KD) are its defaults in
+`configs/methods.py`. A method with a stage of its own before the main training (the CRD
+benchmark's `init_epochs`) declares a `Pretrain`. A new method is one file in
 afd_jax/distill/ that calls `register` (the package imports every module in it).
 """
 import dataclasses
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 
-Builder = Callable[[Any, Sequence, Sequence], nn.Module]
+# The extra inputs a method may declare, each passed by the step as a keyword argument:
+INPUTS = {
+    'student_logits': 'B x classes float32 logits of the student (training mode)',
+    'teacher_logits': 'B x classes float32 logits of the teacher (constants)',
+    'labels': 'B int32 labels',
+    'index': "B int32 indices of the examples in the training split (the data's 'index')",
+    'epoch': 'int32 scalar: the 1-based epoch of the main stage (step // steps_per_epoch + 1)',
+    'rng': 'a PRNG key for this step, for sampling inside the method',
+    'student_embedding': "B x D: the input of the student's classifier (penultimate features)",
+    'teacher_embedding': "B x D: the input of the teacher's classifier (constants)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """What a method's builder may derive its layout from."""
+  student_taps: Sequence[Any] = ()
+  teacher_taps: Sequence[Any] = ()
+  num_classes: int = 0
+  num_train_examples: int = 0  # 0 where unknown (e.g. the benchmark's synthetic data)
+  steps_per_epoch: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrain:
+  """A stage before the main training in which only the method's loss is minimised, as the
+  CRD benchmark's `init()` does for AB, FT and FSP (`init_epochs`, SGD with momentum).
+
+  Attributes:
+    trains: what the stage updates: 'distiller' (the method's own parameters) and/or
+      'student_body' (the student without its classifier).
+    method: the name of the module's method that returns `(loss, aux)` in this stage (same
+      arguments as `__call__`).
+    epochs, learning_rate, momentum, weight_decay: defaults of `config.pretrain.*`.
+  """
+  trains: Tuple[str, ...]
+  method: str = 'pretrain_loss'
+  epochs: int = 30
+  learning_rate: float = 0.05
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+
+
+Builder = Callable[[Any, Setting], nn.Module]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +73,19 @@ class Method:
   logit_weights: Tuple[float, float] = (1.0, 0.0)  # (CE, KD) by default, without `+kd`
   taps: str = ''
   source: str = ''
+  inputs: Tuple[str, ...] = ()  # extra keyword inputs of the module's call (keys of INPUTS)
+  pretrain: Optional[Pretrain] = None
+
+  def __post_init__(self):
+    unknown = [i for i in self.inputs if i not in INPUTS]
+    if unknown:
+      raise ValueError(f'method {self.name!r} declares unknown inputs {unknown}; known: '
+                       f'{", ".join(INPUTS)}.')
+    if self.pretrain is not None:
+      bad = [t for t in self.pretrain.trains if t not in ('distiller', 'student_body')]
+      if bad or not self.pretrain.trains:
+        raise ValueError(f"method {self.name!r}: Pretrain.trains takes 'distiller' and/or "
+                         f"'student_body', not {list(self.pretrain.trains)}.")
 
 
 _METHODS: Dict[str, Method] = {}

@@ -50,7 +50,7 @@ class SP(nn.Module):
 
 
 registry.register(registry.Method(
-    'sp', build=lambda config, student_taps, teacher_taps: SP(
-        student_tap=len(student_taps) - 1, teacher_tap=len(teacher_taps) - 1),
+    'sp', build=lambda config, setting: SP(
+        student_tap=len(setting.student_taps) - 1, teacher_tap=len(setting.teacher_taps) - 1),
     feature_weight=3000.0, taps='the last tap of each model',
     source='CRD benchmark, scripts/run_cifar_distill.sh: --distill similarity -a 0 -b 3000'))

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import flax.linen as nn
 
+from afd_jax.models.classifier import apply_with_embedding, classifier_path
 from afd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from afd_jax.models.resnet_cifar import CifarResNet
 from afd_jax.models.taps import Tap, stage_final
@@ -148,4 +149,4 @@ def from_config(section, num_classes: int, dtype=None, image_shape=None):
                 image_shape=image_shape)
 
 
-__all__ = ['from_config', 'create', 'names', 'check_name', 'is_factory', 'Tap', 'Tapped', 'stage_final', 'tap']
+__all__ = ['apply_with_embedding', 'classifier_path', 'from_config', 'create', 'names', 'check_name', 'is_factory', 'Tap', 'Tapped', 'stage_final', 'tap']
