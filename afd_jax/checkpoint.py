@@ -19,8 +19,9 @@ from afd_jax.errors import UserError, warn
 
 CHECKPOINTS = 'checkpoints'
 # Settings a checkpoint must agree with to be resumed (dotted config paths, plus num_classes).
+# Settings a checkpoint must agree with to be resumed; the running method's own section
+# (`config.<method>.*`, e.g. afd.qk_dim) is added to these.
 FINGERPRINT = ('dataset.name', 'num_classes', 'student.name', 'teacher.name', 'method',
-               'afd.qk_dim', 'fitnet.student_tap', 'fitnet.teacher_tap', 'fitnet.relu',
                'batch_size')
 
 
@@ -29,13 +30,14 @@ def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
   for key in FINGERPRINT:
     if key == 'num_classes' or (key == 'teacher.name' and not distil):
       continue
-    section = key.split('.')[0]
-    if section in ('afd', 'fitnet') and config.method != section:
-      continue  # a method's own settings matter only when it runs
     value = config
     for part in key.split('.'):
       value = value[part]
     out[key] = value
+  own = config.get(config.method) if hasattr(config, 'get') else None
+  for key, value in (own.items() if own is not None and hasattr(own, 'items') else ()):
+    # A method's own settings matter only when it runs; as JSON keeps them (tuples: lists).
+    out[f'{config.method}.{key}'] = list(value) if isinstance(value, tuple) else value
   return out
 
 

@@ -6,6 +6,8 @@ from typing import Dict
 
 import ml_collections
 
+from afd_jax.distill import registry  # every method, registered (their options below)
+
 
 def parse_arg(arg: str, defaults: Dict[str, str], file: str) -> Dict[str, str]:
   """`'k=v,k=v'` (the part after `file.py:`) over `defaults`; unknown keys are an error."""
@@ -80,6 +82,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.fitnet.student_tap = -1      # -1: last tap of the middle stage (CRD's hint_layer=2); else a
   c.fitnet.teacher_tap = -1      # tap index into model.taps()
   c.fitnet.relu = True           # regressor 1x1 conv -> BN -> ReLU, as CRD's ConvReg
+
+  # Every other registered method's own settings, at their defaults (Method.options).
+  for name in registry.names()[1:]:
+    options = registry.get(name).options
+    if options and name not in c:
+      c[name] = ml_collections.ConfigDict(dict(options))
 
   # The method's own stage before the main training (AB, FT, FSP: the CRD benchmark's
   # init_epochs); -1 takes the method's default (afd_jax/distill/<method>.py's Pretrain).

@@ -55,7 +55,7 @@ class CC(nn.Module):
 
 def _build(config, setting: registry.Setting) -> CC:
   del setting
-  feat_dim = int(registry.option(config, 'cc', 'feat_dim', FEAT_DIM))
+  feat_dim = int(registry.option(config, 'cc', 'feat_dim'))
   if feat_dim < 1:
     raise ValueError(f'cc.feat_dim must be a positive width, got {feat_dim}.')
   return CC(feat_dim=feat_dim)
@@ -71,4 +71,5 @@ registry.register(registry.Method(
     inputs=('student_embedding', 'teacher_embedding'),
     source='CRD benchmark, scripts/run_cifar_distill.sh:13: --distill correlation -a 0 -b 0.02 '
            '(-r 1: train_student.py:73); LinearEmbed heads to feat_dim 128: '
-           'train_student.py:81,211-218; embeddings feat[-1]: helper/loops.py:162-165'))
+           'train_student.py:81,211-218; embeddings feat[-1]: helper/loops.py:162-165',
+    options={'feat_dim': FEAT_DIM}))

@@ -13,7 +13,7 @@ benchmark's `init_epochs`) declares a `Pretrain`. A new method is one file in
 afd_jax/distill/ that calls `register` (the package imports every module in it).
 """
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 
@@ -51,6 +51,10 @@ class Pretrain:
     method: the name of the module's method that returns `(loss, aux)` in this stage (same
       arguments as `__call__`).
     epochs, learning_rate, momentum, weight_decay: defaults of `config.pretrain.*`.
+    distiller_params: which of the distiller's top-level parameter groups the stage trains
+      (empty: all of them).
+    frozen_after: the distiller's parameter groups that stay as the stage left them in the main
+      training (no update, no weight decay), e.g. FT's paraphraser.
   """
   trains: Tuple[str, ...]
   method: str = 'pretrain_loss'
@@ -58,6 +62,8 @@ class Pretrain:
   learning_rate: float = 0.05
   momentum: float = 0.9
   weight_decay: float = 5e-4
+  distiller_params: Tuple[str, ...] = ()
+  frozen_after: Tuple[str, ...] = ()
 
 
 Builder = Callable[[Any, Setting], nn.Module]
@@ -75,6 +81,9 @@ class Method:
   source: str = ''
   inputs: Tuple[str, ...] = ()  # extra keyword inputs of the module's call (keys of INPUTS)
   pretrain: Optional[Pretrain] = None
+  # The method's settings and their defaults: `config.<name>.<key>` (configs/base.py makes the
+  # section, so that `--config.<name>.<key>=...` works); read with `option(config, name, key)`.
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     unknown = [i for i in self.inputs if i not in INPUTS]
@@ -110,6 +119,12 @@ def get(name: str) -> Method:
   return _METHODS[name]
 
 
-def option(config, section: str, key: str, default):
-  """`config.section.key`, or `default` where the config (e.g. the benchmark's) lacks it."""
+_NO_DEFAULT = object()
+
+
+def option(config, section: str, key: str, default=_NO_DEFAULT):
+  """`config.section.key`, or the default where the config (e.g. the benchmark's) lacks it:
+  `default`, else the registered method `section`'s `options[key]`."""
+  if default is _NO_DEFAULT:
+    default = get(section).options[key]
   return getattr(getattr(config, section, None), key, default)

@@ -82,8 +82,8 @@ class RKD(nn.Module):
 
 def _build(config, setting: registry.Setting) -> RKD:
   del setting
-  return RKD(distance_weight=float(registry.option(config, 'rkd', 'distance_weight', 25.0)),
-             angle_weight=float(registry.option(config, 'rkd', 'angle_weight', 50.0)))
+  return RKD(distance_weight=float(registry.option(config, 'rkd', 'distance_weight')),
+             angle_weight=float(registry.option(config, 'rkd', 'angle_weight')))
 
 
 # Weights: scripts/run_cifar_distill.sh:17 (`--distill rkd -a 0 -b 1`; `-r` keeps its default 1,
@@ -95,4 +95,5 @@ registry.register(registry.Method(
     inputs=('student_embedding', 'teacher_embedding'),
     source='CRD benchmark, scripts/run_cifar_distill.sh:17: --distill rkd -a 0 -b 1 '
            '(-r 1: train_student.py:73); w_d=25, w_a=50: distiller_zoo/RKD.py:10; '
-           'embeddings feat[-1]: helper/loops.py:149-152'))
+           'embeddings feat[-1]: helper/loops.py:149-152',
+    options={'distance_weight': 25.0, 'angle_weight': 50.0}))  # RKD.py:10: w_d=25, w_a=50

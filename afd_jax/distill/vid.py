@@ -87,7 +87,7 @@ class VID(nn.Module):
 
 
 def _build(config, setting: registry.Setting) -> VID:
-  init_pred_var = float(registry.option(config, 'vid', 'init_pred_var', INIT_PRED_VAR))
+  init_pred_var = float(registry.option(config, 'vid', 'init_pred_var'))
   if not init_pred_var > EPS:
     raise ValueError(f'vid.init_pred_var must exceed {EPS}, got {init_pred_var}.')
   return VID(pairs=stage_pairs(setting.student_taps, setting.teacher_taps),
@@ -102,4 +102,5 @@ registry.register(registry.Method(
     taps="the last tap of each stage, the student's stages paired with the teacher's",
     source='CRD benchmark, scripts/run_cifar_distill.sh:15: --distill vid -a 0 -b 1 '
            '(-r 1: train_student.py:73); one VIDLoss per pair of feat[1:-1]: '
-           'train_student.py:219-226, helper/loops.py:166-170'))
+           'train_student.py:219-226, helper/loops.py:166-170',
+    options={'init_pred_var': INIT_PRED_VAR}))
