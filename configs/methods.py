@@ -10,18 +10,24 @@ feature method's come from its registration in afd_jax/distill/, with their sour
 | fitnet | 1   | 0        | 100            | CRD (`-a 0 -b 100`)                           |
 | at     | 1   | 0        | 1000           | CRD (`-a 0 -b 1000`)                          |
 | sp     | 1   | 0        | 3000           | CRD (`-a 0 -b 3000`)                          |
+| crd    | 1   | 0        | 0.8            | CRD (`-a 0 -b 0.8`)                           |
+| crd+kd | 1   | 1        | 0.8            | CRD (`-a 1 -b 0.8`)                           |
 | afd    | 1   | 0.9      | 200            | the official AFD recipe (KD 0.9, T 4, beta 200) |
 
 `kd_weight=` adds KD on top of any method (CRD's `-a`; e.g. `set_method(c, 'at', kd_weight=0.9)`
 compares AT with AFD's recipe on equal terms). As a config file:
   --config=configs/methods.py:at       (base config, AT with CRD's weights)
   --config=configs/methods.py:at+kd    (the same, plus KD 0.9 at T 4)
+  --config=configs/methods.py:crd+kd   (CRD+KD as its benchmark runs it: KD 1, `-a 1 -b 0.8`)
 """
 from afd_jax.distill import registry
 from configs.base import get_base_config
 
 KD_TEMPERATURE = 4.0
 _BASELINES = {'none': (1.0, 0.0), 'kd': (0.1, 0.9)}  # the student alone; CRD's KD
+# The KD weight of `<method>+kd` where the method's own benchmark runs it with KD (otherwise
+# 0.9): CRD+KD, RepDistiller scripts/run_cifar_distill.sh:32 (`--distill crd -a 1 -b 0.8`).
+PLUS_KD_WEIGHT = {'crd': 1.0}
 
 
 def logit_weights(method: str):
@@ -54,8 +60,10 @@ def set_method(config, method: str, kd_weight=None):
 
 
 def get_config(arg: str = 'afd'):
-  """The base config with method `arg` (one of `choices()`, optionally `+kd` for KD 0.9 on top)."""
+  """The base config with method `arg` (one of `choices()`, optionally `+kd` for KD on top:
+  0.9, or the method's own benchmark's weight, `PLUS_KD_WEIGHT`)."""
   method, plus_kd = (arg[:-3], True) if arg.endswith('+kd') else (arg, False)
-  config = set_method(get_base_config(), method, kd_weight=0.9 if plus_kd else None)
+  config = set_method(get_base_config(), method,
+                      kd_weight=PLUS_KD_WEIGHT.get(method, 0.9) if plus_kd else None)
   config.name = arg
   return config

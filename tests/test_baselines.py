@@ -351,7 +351,7 @@ def test_method_configs_state_crd_weights():
   assert isinstance(task.distiller, SP) and task.feature_name == 'sp'
   assert (task.ce_weight, task.kd_weight, task.feature_weight) == (1.0, 0.9, 3000.0)
   with pytest.raises(ValueError, match='Unknown method'):
-    methods.get_config('crd')
+    methods.get_config('crdd')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +410,7 @@ def test_benchmark_accepts_every_method(capsys):
     assert result['method'] == method and result['steps_timed'] == 2
     assert np.isfinite(result['median_step_ms'])
   with pytest.raises(ValueError, match='Unknown method'):
-    bench.bench_config('crd', 'resnet14', 'resnet8')
+    bench.bench_config('crdd', 'resnet14', 'resnet8')
 
 
 @pytest.fixture

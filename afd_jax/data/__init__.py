@@ -32,7 +32,9 @@ def train_iterator(config, info: DatasetInfo, *, start_step: int, process_index:
                    process_count: int) -> Iterator[dict]:
   """Infinite {'image': float32 [b, H, W, C], 'label': int32 [b]}, b = batch_size // process_count;
   batch k is global step k; starting at `start_step` continues an uninterrupted stream exactly.
-  The process's rows are the batches of its shards (see `num_shards`), concatenated."""
+  The process's rows are the batches of its shards (see `num_shards`), concatenated. Data held
+  in memory (no `shuffle_buffer`) also gives 'index': int32 [b], each example's position in the
+  training split (global over shards and processes), for methods with per-example state (CRD)."""
   from afd_jax.data import api  # pylint: disable=g-import-not-at-top
   return api.train_iterator(config, info, start_step=start_step, process_index=process_index,
                             process_count=process_count)

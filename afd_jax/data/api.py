@@ -61,12 +61,15 @@ def _shard_batches(config, info: DatasetInfo, shard: int, shards: int, start_ste
   if d.shuffle_buffer:
     batches = pipeline.streamed_batches(lambda seed: share(shuffle_seed=seed), stream, augment,
                                         source.decode, d.shuffle_buffer)
-  elif d.cache and source.image_shape is not None:
-    images, labels = pipeline.load(share(), source.decode)
-    batches = pipeline.memory_batches(images, labels, stream, augment)
-  else:
-    images, labels = pipeline.load(share())
-    batches = pipeline.memory_batches(images, labels, stream, augment, source.decode)
+  else:  # in memory: batches carry each example's index in the (possibly subset) split
+    first = sources.share_bounds(info.num_train, shard, shards)[0]
+    if d.cache and source.image_shape is not None:
+      images, labels = pipeline.load(share(), source.decode)
+      batches = pipeline.memory_batches(images, labels, stream, augment, first_index=first)
+    else:
+      images, labels = pipeline.load(share())
+      batches = pipeline.memory_batches(images, labels, stream, augment, source.decode,
+                                        first_index=first)
   return _user_errors(batches, source, d.train_split)
 
 

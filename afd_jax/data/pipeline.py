@@ -12,6 +12,9 @@ Random augmentations draw from stateless keys folded from (seed, shard, epoch) a
 step (per-batch draws) or the example's position in the epoch (per-example draws), so a batch is
 a pure function of (seed, shard, epoch, position), and a restart is exact. A shard is one of
 the disjoint shares of the split (`dataset.num_shards`, one per process by default).
+In-memory streams also yield each example's `index`: int32, its position in the whole training
+split (the share's first position + its position in the share), for methods that keep
+per-example state (CRD's memory banks); a streamed share cannot know it and yields none.
 """
 import dataclasses
 from typing import Callable, Iterator, Optional
@@ -55,8 +58,10 @@ def load(records, decode: Optional[Callable] = None):
 
 
 def memory_batches(images, labels, stream: Stream, augment: Augment,
-                   decode: Optional[Callable] = None) -> Iterator[dict]:
-  """The infinite training stream of a share in memory (see `load`); `decode` for encoded images."""
+                   decode: Optional[Callable] = None, first_index: int = 0) -> Iterator[dict]:
+  """The infinite training stream of a share in memory (see `load`); `decode` for encoded images.
+  `first_index`: the share's first position in the training split; batches carry `index`,
+  `first_index` + each example's position in the share (int32)."""
   b = stream.batch_size
 
   def orders():
@@ -71,19 +76,22 @@ def memory_batches(images, labels, stream: Stream, augment: Augment,
   if decode is None and not augment.resizes:  # gather and augment whole batches
     def batches():
       for epoch, k, idx in orders():
-        yield {'image': images[idx], 'label': labels[idx], 'epoch': epoch, 'step': k}
+        yield {'image': images[idx], 'label': labels[idx],
+               'index': (first_index + idx).astype(np.int32), 'epoch': epoch, 'step': k}
     spec = {'image': tf.TensorSpec((b,) + images.shape[1:], tf.uint8),
-            'label': tf.TensorSpec([b], tf.int32), 'epoch': scalar, 'step': scalar}
+            'label': tf.TensorSpec([b], tf.int32), 'index': tf.TensorSpec([b], tf.int32),
+            'epoch': scalar, 'step': scalar}
     ds = tf.data.Dataset.from_generator(batches, output_signature=spec)
   else:
     def examples():
       for epoch, k, idx in orders():
         for position, i in enumerate(idx, k * b):
-          yield {'image': images[i], 'label': labels[i], 'epoch': epoch, 'position': position}
+          yield {'image': images[i], 'label': labels[i], 'index': np.int32(first_index + i),
+                 'epoch': epoch, 'position': position}
     image = (tf.TensorSpec(images.shape[1:], tf.uint8) if decode is None
              else tf.TensorSpec([], tf.string))
-    spec = {'image': image, 'label': tf.TensorSpec([], tf.int32), 'epoch': scalar,
-            'position': scalar}
+    spec = {'image': image, 'label': tf.TensorSpec([], tf.int32),
+            'index': tf.TensorSpec([], tf.int32), 'epoch': scalar, 'position': scalar}
     ds = _batch_examples(tf.data.Dataset.from_generator(examples, output_signature=spec),
                          stream, augment, decode)
   return _finish_train(ds, stream, augment).as_numpy_iterator()
@@ -126,7 +134,8 @@ def eval_batches(records, augment: Augment, decode: Callable, batch_size: int,
 
 
 def _batch_examples(ds, stream: Stream, augment: Augment, decode: Optional[Callable]):
-  """Examples {image, label, epoch, position} -> batches {image, label, epoch, step}."""
+  """Examples {image, label, [index,] epoch, position} -> batches {image, label, [index,]
+  epoch, step}."""
   b = stream.batch_size
 
   def prepare(x):
@@ -135,15 +144,20 @@ def _batch_examples(ds, stream: Stream, augment: Augment, decode: Optional[Calla
     return {**x, 'image': tf.ensure_shape(augment.train_example(image, key), augment.output_shape)}
 
   ds = ds.map(prepare, AUTOTUNE).batch(b, drop_remainder=True)
-  return ds.map(lambda x: {'image': x['image'], 'label': x['label'], 'epoch': x['epoch'][0],
-                           'step': x['position'][0] // b})
+  return ds.map(lambda x: {'image': x['image'], 'label': x['label'], **_index(x),
+                           'epoch': x['epoch'][0], 'step': x['position'][0] // b})
 
 
 def _finish_train(ds, stream: Stream, augment: Augment):
   def finish(x):
     key = _key(stream, x['epoch'], _BATCH_DRAWS, x['step'])
-    return {'image': augment.train_batch(x['image'], key), 'label': x['label']}
+    return {'image': augment.train_batch(x['image'], key), 'label': x['label'], **_index(x)}
   return _deterministic(ds.map(finish, AUTOTUNE).prefetch(AUTOTUNE))
+
+
+def _index(x) -> dict:
+  """{'index': x['index']} where the stream knows the examples' indices (in memory), else {}."""
+  return {'index': x['index']} if 'index' in x else {}
 
 
 def _key(stream: Stream, epoch, draws: int, position):
