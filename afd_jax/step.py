@@ -75,6 +75,8 @@ class PretrainTask:
   method: str
   learning_rate: float
   classifier: Tuple[str, ...] = ()
+  distiller_params: Tuple[str, ...] = ()  # the groups the stage trains; empty: all
+  frozen_after: Tuple[str, ...] = ()  # the groups the main stage leaves unchanged
 
 
 def is_distillation(config) -> bool:
@@ -141,7 +143,9 @@ def pretrain_task(config, spec: 'distill.registry.Pretrain', student, steps_per_
         jax.random.PRNGKey(0), jnp.zeros((2,) + tuple(image_shape)), train=False))
     classifier = models.classifier_path(student, abstract, image_shape)
   return PretrainTask(steps=int(round(epochs * steps_per_epoch)), tx=tx, trains=spec.trains,
-                      method=spec.method, learning_rate=float(lr), classifier=classifier)
+                      method=spec.method, learning_rate=float(lr), classifier=classifier,
+                      distiller_params=tuple(spec.distiller_params),
+                      frozen_after=tuple(spec.frozen_after))
 
 
 def check_batch_norm_groups(task: Task, image_shape) -> None:
@@ -275,6 +279,8 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
         state.params)
     main_opt_state = _main_opt_state(task, state.opt_state)
     updates, main_opt_state = task.tx.update(grads, main_opt_state, state.params)
+    if task.pretrain is not None and task.pretrain.frozen_after:  # as the stage left them
+      updates = _zero_groups(updates, task.pretrain.frozen_after)
     params = optax.apply_updates(state.params, updates)
     opt_state = ((state.opt_state[0], main_opt_state) if task.pretrain is not None
                  else main_opt_state)
@@ -290,10 +296,19 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
   return train_step
 
 
+def _zero_groups(updates, groups: Tuple[str, ...]):
+  """`updates` with the distiller's parameter groups `groups` set to zero."""
+  distiller = {k: jax.tree.map(jnp.zeros_like, v) if k in groups else v
+               for k, v in updates['distiller'].items()}
+  return {**updates, 'distiller': distiller}
+
+
 def _trainable_mask(task: Task, params) -> Dict[str, Any]:
-  """True for the parameters the pre-training stage updates (`PretrainTask.trains`)."""
-  trains = task.pretrain.trains
-  distiller = jax.tree.map(lambda _: 'distiller' in trains, params['distiller'])
+  """True for the parameters the pre-training stage updates (`PretrainTask.trains`, and of
+  the distiller's, `distiller_params` where given)."""
+  trains, only = task.pretrain.trains, task.pretrain.distiller_params
+  distiller = {k: jax.tree.map(lambda _, k=k: 'distiller' in trains and (not only or k in only), v)
+               for k, v in params['distiller'].items()}
   student = jax.tree.map(lambda _: 'student_body' in trains, params['student'])
   if 'student_body' in trains and task.pretrain.classifier:
     node = student

@@ -54,6 +54,7 @@ def test_method_trains_on_eight_devices(method):
   batch = sharding.global_batch(fixed_batch(), mesh)
   pre = []
   if task.pretrain is not None:
+    before = jax.device_get(state.params)
     pretrain_step = step.jit_pretrain_step(task, mesh)
     for _ in range(task.pretrain_steps):
       state, m = pretrain_step(state, teacher_vars, batch)
@@ -61,11 +62,27 @@ def test_method_trains_on_eight_devices(method):
     assert int(state.step) == 2
     assert all(np.isfinite(m['pretrain']) for m in pre), pre
     assert pre[-1]['pretrain'] < pre[0]['pretrain'], [m['pretrain'] for m in pre]
+    # What the stage does not train stays as it was: the classifier, and the student body or
+    # distiller groups it does not name.
+    after, spec = jax.device_get(state.params), task.pretrain
+    unchanged = lambda a, b: all(np.array_equal(x, y) for x, y in zip(
+        jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert unchanged(after['student']['fc'], before['student']['fc'])
+    assert unchanged(after['student'], before['student']) == ('student_body' not in spec.trains)
+    for group in before['distiller']:
+      if 'distiller' not in spec.trains or (spec.distiller_params
+                                            and group not in spec.distiller_params):
+        assert unchanged(after['distiller'][group], before['distiller'][group]), group
+  frozen = jax.device_get(state.params['distiller'])
   train_step = step.jit_train_step(task, mesh)
   history = []
   for _ in range(4):
     state, m = train_step(state, teacher_vars, batch)
     history.append(jax.device_get(m))
+  for group in (task.pretrain.frozen_after if task.pretrain is not None else ()):
+    for x, y in zip(jax.tree.leaves(frozen[group]),
+                    jax.tree.leaves(jax.device_get(state.params['distiller'][group]))):
+      np.testing.assert_array_equal(x, y)  # left as the stage left it
   for m in history:
     terms = {k: float(v) for k, v in m.items() if np.ndim(v) == 0}
     assert all(np.isfinite(v) for v in terms.values()), terms

@@ -1,0 +1,50 @@
+"""Golden vectors of `fsp` (flow of solution procedure) from RepDistiller's own code.
+
+RepDistiller's `distiller_zoo/FSP.FSP` as its `helper/pretrain.py` init() runs it for `fsp`:
+`loss = sum(FSP(feat_s, feat_t))` on consecutive maps (the benchmark's main stage has no FSP
+term, helper/loops.py:174-176, so this is the only loss). Four maps per model, equal channels,
+spatial sizes chosen so that both the lower and the upper map of a pair get pooled, to sizes
+that divide and that do not (student 4, 4, 2, 3; teacher 6, 4, 4, 2). FSP has no parameters.
+"""
+import importlib.util
+import os
+
+import numpy as np
+
+REPO = 'repdistiller'
+SEED = 3300
+BATCH = 3
+CHANNELS = (3, 4, 5, 2)
+STUDENT_HW = (4, 4, 2, 3)
+TEACHER_HW = (6, 4, 4, 2)
+
+
+def load(repo_dir, relative, name):
+  """A RepDistiller file as a module of its own (its package names clash with other repos')."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(repo_dir, relative))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def make(repo_dir):
+  import torch  # pylint: disable=g-import-not-at-top
+  from make_vectors import f32, nhwc  # pylint: disable=g-import-not-at-top
+  fsp = load(repo_dir, 'distiller_zoo/FSP.py', 'repdistiller_fsp')
+  torch.manual_seed(SEED)
+  rng = np.random.default_rng(SEED)
+  s_np = [rng.standard_normal((BATCH, h, h, c)).astype(np.float32)
+          for c, h in zip(CHANNELS, STUDENT_HW)]
+  t_np = [rng.standard_normal((BATCH, h, h, c)).astype(np.float32)
+          for c, h in zip(CHANNELS, TEACHER_HW)]
+  g_s = [torch.from_numpy(f.transpose(0, 3, 1, 2)).requires_grad_() for f in s_np]
+  g_t = [torch.from_numpy(f.transpose(0, 3, 1, 2)) for f in t_np]
+  criterion = fsp.FSP([f.shape for f in g_s], [f.shape for f in g_t])
+  losses = criterion(g_s, g_t)
+  loss = sum(losses)
+  loss.backward()
+  out = {'loss': f32(loss), 'per_pair': f32(torch.stack(losses))}
+  out.update({f'student/{i}': f for i, f in enumerate(s_np)})
+  out.update({f'teacher/{i}': f for i, f in enumerate(t_np)})
+  out.update({f'grad_student/{i}': nhwc(f.grad) for i, f in enumerate(g_s)})
+  return out
