@@ -37,7 +37,7 @@ def namespace(d):
 
 def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128,
                  teacher_options=None, student_options=None, bn_group_size: int = 0,
-                 teacher_dtype: str = ''):
+                 teacher_dtype: str = '', batch_size: int = 64):
   """Official CIFAR-100 hyper-parameters; `ce`: student alone, `kd`: + Hinton KD,
   other methods: + KD + that feature loss at its default weight (distill.DEFAULT_FEATURE_WEIGHT).
 
@@ -52,7 +52,7 @@ def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128,
       'teacher': {'name': teacher, 'dtype': teacher_dtype, **(teacher_options or {})},
       'student': {'name': student, **(student_options or {})},
       'afd': {'qk_dim': qk_dim}, 'fitnet': {'student_tap': -1, 'teacher_tap': -1, 'relu': True},
-      'num_epochs': 240, 'bn_group_size': bn_group_size,
+      'num_epochs': 240, 'bn_group_size': bn_group_size, 'batch_size': batch_size,
       'loss': {'ce_weight': 1.0, 'kd_weight': 0.0 if method == 'ce' else 0.9,
                'kd_temperature': 4.0,
                'feature_weight': (distill.registry.get(feature).feature_weight
@@ -69,7 +69,7 @@ class Case:
   def __init__(self, method, args, mesh):
     config = bench_config(method, args.teacher, args.student, args.qk_dim,
                           model_options(args, 'teacher'), model_options(args, 'student'),
-                          args.bn_group_size, args.teacher_dtype)
+                          args.bn_group_size, args.teacher_dtype, args.batch)
     self.method, self.bn_group_size = method, args.bn_group_size
     shape = (args.image_size, args.image_size, args.channels)
     # CIFAR's 50000 training examples at 781 steps per epoch (methods with per-example state).

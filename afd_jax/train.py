@@ -305,7 +305,8 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
         writer.console(f'eval at step {done}: top1 {eval_metrics["top1"]:.2f} '
                        f'top5 {eval_metrics["top5"]:.2f} loss {eval_metrics["loss"]:.4f}')
         if attention:
-          save_attention(workdir, done, np.mean(attention, axis=0), student, teacher, config)
+          save_attention(workdir, done, np.mean(attention, axis=0), student, teacher, config,
+                         task.distiller)
           attention = []
       if epoch_end or periodic or preempted:
         ckpts.save(done, state, meta(done, {'eval': eval_metrics}), metrics=save_metrics)
@@ -338,8 +339,10 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   return summary
 
 
-def save_attention(workdir, step_count, mean_attention, student, teacher, config) -> None:
-  """Writes the mean attention (teacher layers x student layers) and, if enabled, its plot."""
+def save_attention(workdir, step_count, mean_attention, student, teacher, config,
+                   distiller=None) -> None:
+  """Writes the mean attention (teacher layers x student layers) and, if enabled, its plot,
+  labelled with the layers the distiller links (`viz.link_labels`)."""
   if jax.process_index() != 0:
     return
   folder = epath.Path(workdir) / 'attention'
@@ -353,6 +356,7 @@ def save_attention(workdir, step_count, mean_attention, student, teacher, config
                np.array2string(mean_attention, precision=2, max_line_width=200))
   if config.plot_attention:
     from afd_jax import viz  # pylint: disable=g-import-not-at-top
-    viz.plot_attention(mean_attention, [t.name for t in teacher.taps()],
-                       [t.name for t in student.taps()], os.path.join(workdir, 'attention.png'),
+    labels = viz.link_labels(distiller, [t.name for t in teacher.taps()],
+                             [t.name for t in student.taps()])
+    viz.plot_attention(mean_attention, *labels, os.path.join(workdir, 'attention.png'),
                        title=f'{config.teacher.name} -> {config.student.name}, step {step_count}')

@@ -1,11 +1,13 @@
-"""Redraw the attention-link heatmap of an AFD run.
+"""Redraw the attention-link heatmap of an AFD (or SemCKD) run.
 
   python -m afd_jax.visualize --workdir=DIR [--from_checkpoint] [--out=PATH]
 
 By default it draws the mean attention saved at the run's last eval (DIR/attention/*.npy).
 With --from_checkpoint it recomputes it: the latest checkpoint's student and meta-network
 (inference mode) and the run's teacher, averaged over the whole eval split. Writes
-DIR/attention.png (or --out) and prints the strongest link of every teacher layer.
+DIR/attention.png (or --out) and prints the strongest link of every teacher layer. SemCKD's
+learned layer weights (`B x T x S` over its stage-final taps, each student column summing to 1)
+are drawn the same way, labelled with the taps it uses (`viz.link_labels`).
 """
 import glob
 import json
@@ -18,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from afd_jax import checkpoint, data, sharding, step, train, viz
+from afd_jax import checkpoint, data, distill, sharding, step, train, viz
 from afd_jax.errors import UserError
 
 
@@ -38,8 +40,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f'{path} not found: is {workdir} the workdir of a run?')
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  if config.method != 'afd':
-    raise UserError(f'{workdir} is a {config.method!r} run; attention exists for method afd only.')
+  if config.method not in distill.registry.with_attention():  # AFD, SemCKD
+    raise UserError(f'{workdir} is a {config.method!r} run; attention exists for method afd only, '
+                    f'and for the other methods that learn layer links: '
+                    f'{", ".join(distill.registry.with_attention())}.')
   return config
 
 
@@ -52,14 +56,35 @@ def saved_attention(workdir: str):
 
 
 def tap_names(workdir: str, config):
-  """(teacher, student) tap names: saved beside the attention, else from the zoo's models."""
+  """(teacher, student) names of the attention's rows and columns: the taps saved beside the
+  attention (else the zoo's models'), those the method links (`viz.link_labels`)."""
   path = os.path.join(workdir, 'attention', 'taps.json')
+  task = None
   if os.path.exists(path):
     with open(path) as f:
       names = json.load(f)
-    return names['teacher'], names['student']
-  task = step.task_from_config(config, 1, 1)
-  return [t.name for t in task.teacher.taps()], [t.name for t in task.student.taps()]
+    t_names, s_names = names['teacher'], names['student']
+  else:
+    task = step.task_from_config(config, 1, 1)
+    t_names = [t.name for t in task.teacher.taps()]
+    s_names = [t.name for t in task.student.taps()]
+  if config.method == 'afd':  # every tap
+    return t_names, s_names
+  task = task or step.task_from_config(config, 1, 1)
+  return viz.link_labels(task.distiller, t_names, s_names)
+
+
+def distiller_attention(distiller, variables, s_feats, t_feats):
+  """The distiller's `B x T x S` attention in inference mode. A distiller built for batches of
+  at most `batch_size` examples (SemCKD: its MLPs read rows of the batch's Gram matrix) sees
+  the batch in consecutive chunks of that size."""
+  batch = s_feats[0].shape[0]
+  size = getattr(distiller, 'batch_size', None) or batch
+  chunks = []
+  for start in range(0, batch, size):
+    part = lambda fs: [f[start:start + size] for f in fs]  # pylint: disable=cell-var-from-loop
+    chunks.append(distiller.apply(variables, part(s_feats), part(t_feats), train=False)[1])
+  return chunks[0] if len(chunks) == 1 else jnp.concatenate(chunks, axis=0)
 
 
 def checkpoint_attention(workdir: str, config):
@@ -84,9 +109,10 @@ def checkpoint_attention(workdir: str, config):
     _, s_feats = task.student.apply({'params': state.params['student'],
                                      'batch_stats': state.batch_stats['student']},
                                     batch['image'], train=False)
-    _, attention = task.distiller.apply({'params': state.params['distiller'],
-                                         'batch_stats': state.batch_stats['distiller']},
-                                        s_feats, t_feats, train=False)
+    attention = distiller_attention(task.distiller,
+                                    {'params': state.params['distiller'],
+                                     'batch_stats': state.batch_stats['distiller']},
+                                    s_feats, t_feats)
     return jnp.einsum('b,bts->ts', batch['mask'], attention), jnp.sum(batch['mask'])
 
   total, count = 0.0, 0.0
@@ -108,8 +134,8 @@ def main(argv):
     if flags.FLAGS.from_checkpoint:
       attention, step_count, task = checkpoint_attention(workdir, config)
       source = f'checkpoint at step {step_count}, eval split'
-      t_names = [t.name for t in task.teacher.taps()]
-      s_names = [t.name for t in task.student.taps()]
+      t_names, s_names = viz.link_labels(task.distiller, [t.name for t in task.teacher.taps()],
+                                         [t.name for t in task.student.taps()])
     else:
       attention, step_count = saved_attention(workdir)
       source = f'saved at step {step_count}'

@@ -1,8 +1,8 @@
 """CIFAR-100, the official AFD recipe: 240 epochs, batch 64, SGD 0.05 (x0.1 from epochs 150, 180,
 210), weight decay 5e-4, crop + flip; AFD: CE + 0.9 KD (T 4) + 200 L_AFD, qk_dim 128.
 
-Args (`configs/cifar100.py:k=v,...`): teacher, student, method (none | kd | afd | fitnet | at |
-sp, `+kd` adds KD 0.9 to a baseline; weights: configs/methods.py), seed. The pairs of the
+Args (`configs/cifar100.py:k=v,...`): teacher, student, method (none | kd | any registered
+method, `+kd` adds KD to it; weights: configs/methods.py, with the per-pair values below), seed. The pairs of the
 benchmark table (AFD_SPEC.md): wrn40x2->wrn16x2, wrn40x2->wrn40x1, resnet56->resnet20,
 resnet110->resnet20, resnet110->resnet32, resnet32x4->resnet8x4, vgg13->vgg8.
 
@@ -22,6 +22,12 @@ from configs.base import get_base_config, parse_arg
 PAIRS = (('wrn40x2', 'wrn16x2'), ('wrn40x2', 'wrn40x1'), ('resnet56', 'resnet20'),
          ('resnet110', 'resnet20'), ('resnet110', 'resnet32'), ('resnet32x4', 'resnet8x4'),
          ('vgg13', 'vgg8'))
+# Per-pair settings of the methods' own CIFAR-100 recipes, where they differ from the defaults:
+# DKD's beta (mdistiller configs/cifar100/dkd/<pair>.yaml:19; others keep cfg.py's 8) and
+# ReviewKD's weight (ReviewKD CIFAR-100/script/reviewKD.sh:13,15; others keep 5).
+DKD_BETA = {('wrn40x2', 'wrn16x2'): 6.0, ('wrn40x2', 'wrn40x1'): 6.0, ('resnet56', 'resnet20'): 2.0,
+            ('resnet110', 'resnet32'): 2.0, ('vgg13', 'vgg8'): 6.0}
+REVIEWKD_WEIGHT = {('resnet56', 'resnet20'): 0.6, ('resnet110', 'resnet32'): 1.0}
 DEFAULTS = {'teacher': 'wrn40x2', 'student': 'wrn16x2', 'method': 'afd', 'seed': '0', 'model': ''}
 
 
@@ -38,6 +44,11 @@ def get_config(arg: str = ''):
   c.optimizer.learning_rate, c.optimizer.weight_decay = 0.05, 5e-4
   c.optimizer.decay_epochs = (150, 180, 210)
   c.log_every_steps = 200
+  pair = (a['teacher'], a['student'])
+  if c.method == 'dkd' and pair in DKD_BETA:
+    c.dkd.beta = DKD_BETA[pair]
+  if c.method == 'reviewkd' and pair in REVIEWKD_WEIGHT:
+    c.loss.feature_weight = REVIEWKD_WEIGHT[pair]
   distilled = c.method != 'none' or c.loss.kd_weight > 0
   c.name = (f'cifar100-{a["teacher"]}-{a["student"]}-{a["method"]}' if distilled
             else f'cifar100-{a["student"]}')

@@ -10,9 +10,24 @@ feature method's come from its registration in afd_jax/distill/, with their sour
 | fitnet | 1   | 0        | 100            | CRD (`-a 0 -b 100`)                           |
 | at     | 1   | 0        | 1000           | CRD (`-a 0 -b 1000`)                          |
 | sp     | 1   | 0        | 3000           | CRD (`-a 0 -b 3000`)                          |
+| cc     | 1   | 0        | 0.02           | CRD (`-a 0 -b 0.02`)                          |
+| vid    | 1   | 0        | 1              | CRD (`-a 0 -b 1`)                             |
+| rkd    | 1   | 0        | 1              | CRD (`-a 0 -b 1`; distance 25, angle 50)      |
+| pkt    | 1   | 0        | 30000          | CRD (`-a 0 -b 30000`)                         |
+| nst    | 1   | 0        | 50             | CRD (`-a 0 -b 50`)                            |
 | crd    | 1   | 0        | 0.8            | CRD (`-a 0 -b 0.8`)                           |
 | crd+kd | 1   | 1        | 0.8            | CRD (`-a 1 -b 0.8`)                           |
+| ab     | 1   | 0        | 0 (+ its stage)| CRD: 30 epochs of connectors + student body   |
+| ft     | 1   | 0        | 200            | CRD (`-b 200`), after 30 epochs of paraphraser |
+| fsp    | 1   | 0        | 0 (+ its stage)| CRD: 30 epochs of student body under FSP      |
+| semckd | 1   | 1        | 400            | SemCKD's scripts (`-a 1 -b 400`)              |
+| reviewkd | 1 | 0        | 5              | ReviewKD's CIFAR-100 script (warm-up 20 ep.)  |
+| dkd    | 1   | 0        | 1 (DKD's own alpha 1, beta 8, warm-up 20) | mdistiller cfg.py |
 | afd    | 1   | 0.9      | 200            | the official AFD recipe (KD 0.9, T 4, beta 200) |
+
+AB and FSP train only in their own stage before the main training (`config.pretrain.*`, the
+CRD benchmark's `init_epochs`); their main-stage weight 0 is the benchmark's (helper/loops.py).
+Per-pair values of DKD's beta and ReviewKD's weight: configs/cifar100.py.
 
 `kd_weight=` adds KD on top of any method (CRD's `-a`; e.g. `set_method(c, 'at', kd_weight=0.9)`
 compares AT with AFD's recipe on equal terms). As a config file:

@@ -66,7 +66,7 @@ def test_bench_prints_a_table_and_counts_the_collectives_of_global_and_grouped_b
 
 
 def test_bench_rejects_bad_arguments():
-  result = subprocess.run([sys.executable, '-c', RUN_WITHOUT, '--method', 'crd'],
+  result = subprocess.run([sys.executable, '-c', RUN_WITHOUT, '--method', 'crdd'],
                           capture_output=True, text=True, timeout=120, env=runs.env(),
                           cwd=runs.REPO)
-  assert result.returncode == 2 and "unknown method(s) ['crd']" in result.stderr
+  assert result.returncode == 2 and "unknown method(s) ['crdd']" in result.stderr

@@ -97,7 +97,7 @@ def test_two_processes_equal_one_process(digits_data_dir, tmp_path):
     (['--config.student.name=resnet9'], "Unknown model 'resnet9'"),
     (['--config.dataset.name=no_such_dataset'], 'no_such_dataset'),
     (['--config.teacher.checkpoint=/nonexistent/teacher'], '/nonexistent/teacher does not exist'),
-    (['--config.method=crd'], "Unknown method 'crd'"),
+    (['--config.method=crdd'], "Unknown method 'crdd'"),
     (['--no_such_flag=1'], 'no_such_flag'),
 ])
 def test_bad_input_is_one_clear_line(digits_data_dir, tmp_path, extra, message):

@@ -201,4 +201,4 @@ registry.register(registry.Method(
     'afd', build=lambda config, setting: AFD(qk_dim=config.afd.qk_dim),
     feature_weight=200.0, logit_weights=(1.0, 0.9),
     taps='every tap of both models: all (teacher, student) pairs, weighed by the attention',
-    source='the official AFD recipe (KD 0.9 at T 4, beta 200)'))
+    source='the official AFD recipe (KD 0.9 at T 4, beta 200)', attention=True))

@@ -84,6 +84,9 @@ class Method:
   # The method's settings and their defaults: `config.<name>.<key>` (configs/base.py makes the
   # section, so that `--config.<name>.<key>=...` works); read with `option(config, name, key)`.
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # Its `aux` is a `B x T x S` attention over (teacher layer, student layer): recorded during
+  # training and drawn by `python -m afd_jax.visualize` (AFD, SemCKD).
+  attention: bool = False
 
   def __post_init__(self):
     unknown = [i for i in self.inputs if i not in INPUTS]
@@ -106,6 +109,11 @@ def register(method: Method) -> Method:
     raise ValueError(f'a distillation method named {method.name!r} is already registered.')
   _METHODS[method.name] = method
   return method
+
+
+def with_attention() -> Tuple[str, ...]:
+  """The methods whose distiller returns a layer-link attention (`Method.attention`)."""
+  return tuple(name for name, m in _METHODS.items() if m.attention)
 
 
 def names() -> Tuple[str, ...]:
