@@ -1,7 +1,8 @@
 """A real small study on this kind of machine: Fashion-MNIST (Debian's dataset-fashion-mnist, read
 offline by the `fashion_mnist_local` builder), teacher resnet20 -> student resnet8.
 
-Args: method (teacher | none | kd | fitnet | at | afd), seed. `teacher` trains resnet20 alone,
+Args: method (teacher | none | kd | any method of configs/methods.py, e.g. afd, crd+kd: METHODS),
+seed. `teacher` trains resnet20 alone,
 `none` trains resnet8 alone; the rest distil the teacher of the same seed into resnet8 with the
 CRD benchmark's loss weights (configs/methods.py: KD = CE 0.1 + KD 0.9; FitNet 100; AT 1000;
 AFD = CE + KD 0.9 + 200 L_AFD, the official recipe). Shortened schedule so that the 18 runs (6
@@ -19,7 +20,13 @@ from afd_jax.data import stats
 from configs import methods
 from configs.base import parse_arg
 
-METHODS = ('teacher', 'none', 'kd', 'fitnet', 'at', 'afd')
+# The first study's six, then the CRD benchmark's other methods, then AFD's nearest rivals.
+METHODS = ('teacher', 'none', 'kd', 'fitnet', 'at', 'afd',
+           'cc', 'vid', 'rkd', 'pkt', 'nst', 'crd', 'crd+kd', 'ab', 'ft', 'fsp', 'sp',
+           'semckd', 'reviewkd', 'dkd')
+# A method's own pre-training stage (AB, FT, FSP) keeps the CRD benchmark's proportion:
+# 30 init epochs for 240 (train_student.py --init_epochs), here 10 * 30 / 240.
+PRETRAIN_EPOCHS = 1.25
 DEFAULTS = {'method': 'afd', 'seed': '0'}
 TEACHER, STUDENT = 'resnet20', 'resnet8'
 
@@ -41,6 +48,7 @@ def get_config(arg: str = ''):
   c.num_epochs, c.batch_size, c.eval_batch_size = 10, 128, 1000
   c.optimizer.learning_rate, c.optimizer.weight_decay = 0.1, 5e-4
   c.optimizer.schedule = 'cosine'
+  c.pretrain.epochs = PRETRAIN_EPOCHS
   c.log_every_steps = 100
   c.keep_checkpoints = 2
   return c

@@ -2,13 +2,18 @@
 """Runs (or resumes) the Fashion-MNIST study and writes docs/results/fashion_mnist.md.
 
   .venv/bin/python launch/fashion_mnist_study.py [--root workdirs/fashion_mnist] [--seeds 0,1,2]
-                                                 [--report-only]
+                                                 [--methods none,kd,afd,semckd] [--report-only]
 
 Every run is `python -m afd_jax.main --config=configs/fashion_mnist.py:method=M,seed=S
 --workdir=ROOT/M-sS` (each seed's teacher first; the students distil the teacher of their seed).
-A finished run (its summary.json) is skipped; an interrupted one resumes from its checkpoint, so
-rerunning this script after a stop continues the study. Logs: ROOT/M-sS/log.txt. The report
-keeps its '## Discussion' section across reruns.
+`--methods` picks which of configs/fashion_mnist.py's METHODS run (a comparison of a few methods
+on the same pair and schedule: e.g. `--methods none,kd,afd,semckd,reviewkd,dkd`).
+Each finished run's result is recorded in docs/results/fashion_mnist_runs.json (top-1, times,
+the commit) and is not run again; an interrupted run resumes from its checkpoint, so rerunning
+this script after a stop continues the study. A teacher whose workdir is gone is trained again
+(same seed, same command) when a student of its seed still has to run. Logs: ROOT/M-sS/log.txt.
+The report is built from the record, so it keeps every method finished so far, and its
+'## Discussion' section across reruns.
 """
 import argparse
 import json
@@ -25,13 +30,19 @@ from configs import fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-i
 
 LABELS = {'teacher': f'teacher ({fashion_mnist.TEACHER})',
           'none': f'student alone ({fashion_mnist.STUDENT})', 'kd': 'KD', 'fitnet': 'FitNet',
-          'at': 'AT', 'afd': 'AFD'}
+          'at': 'AT', 'afd': 'AFD', 'crd+kd': 'CRD+KD', 'semckd': 'SemCKD',
+          'reviewkd': 'ReviewKD'}
 REPORT = os.path.join(REPO, 'docs', 'results', 'fashion_mnist.md')
+RECORD = os.path.join(REPO, 'docs', 'results', 'fashion_mnist_runs.json')
 HEATMAP = os.path.join(REPO, 'docs', 'results', 'fashion_mnist_afd_attention.png')
 
 
 def workdir(root, method, seed):
   return os.path.join(root, f'{method}-s{seed}')
+
+
+def label(method):
+  return LABELS.get(method, method.upper())
 
 
 def summary(root, method, seed):
@@ -40,6 +51,25 @@ def summary(root, method, seed):
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def load_record():
+  if not os.path.exists(RECORD):
+    return {}
+  with open(RECORD) as f:
+    return json.load(f)
+
+
+def save_record(record):
+  with open(RECORD, 'w') as f:
+    json.dump(dict(sorted(record.items())), f, indent=1)
+    f.write('\n')
+
+
+def commit():
+  out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                       cwd=REPO)
+  return out.stdout.strip() or 'unknown'
 
 
 def command(root, method, seed):
@@ -51,20 +81,27 @@ def command(root, method, seed):
   return cmd
 
 
-def run(root, method, seed):
-  if summary(root, method, seed):
-    print(f'{method}-s{seed}: finished earlier', flush=True)
+def run(root, method, seed, record):
+  key = f'{method}-s{seed}'
+  if key in record and (method != 'teacher' or summary(root, method, seed)):
+    print(f'{key}: finished earlier', flush=True)
     return
-  os.makedirs(workdir(root, method, seed), exist_ok=True)
-  start = time.time()
-  print(f'{method}-s{seed}: running ({" ".join(command(root, method, seed)[1:])})', flush=True)
-  with open(os.path.join(workdir(root, method, seed), 'log.txt'), 'a') as log:
-    code = subprocess.call(command(root, method, seed), stdout=log, stderr=subprocess.STDOUT,
-                           cwd=REPO)
-  if code != 0:
-    sys.exit(f'{method}-s{seed} failed with exit code {code}; see its log.txt')
-  print(f'{method}-s{seed}: top1 {summary(root, method, seed)["eval"]["top1"]:.2f} '
-        f'({time.time() - start:.0f} s)', flush=True)
+  if not summary(root, method, seed):
+    os.makedirs(workdir(root, method, seed), exist_ok=True)
+    start = time.time()
+    print(f'{key}: running ({" ".join(command(root, method, seed)[1:])})', flush=True)
+    with open(os.path.join(workdir(root, method, seed), 'log.txt'), 'a') as log:
+      code = subprocess.call(command(root, method, seed), stdout=log, stderr=subprocess.STDOUT,
+                             cwd=REPO)
+    if code != 0:
+      sys.exit(f'{key} failed with exit code {code}; see its log.txt')
+    print(f'{key}: top1 {summary(root, method, seed)["eval"]["top1"]:.2f} '
+          f'({time.time() - start:.0f} s)', flush=True)
+  if key not in record:  # a retrained teacher keeps its first record
+    done = summary(root, method, seed)
+    record[key] = {'top1': done['eval']['top1'], 'wall_time_sec': done['wall_time_sec'],
+                   'total_time_sec': done['total_time_sec'], 'commit': commit()}
+    save_record(record)
 
 
 def discussion():
@@ -74,18 +111,21 @@ def discussion():
   return text[text.index('## Discussion'):] if '## Discussion' in text else ''
 
 
-def report(root, seeds):
+def report(root, seeds, record):
   rows, total = [], 0.0
   for method in fashion_mnist.METHODS:
-    results = [summary(root, method, s) for s in seeds]
-    if not all(results):
-      rows.append(f'| {LABELS[method]} | (not finished) | | |')
+    results = [record.get(f'{method}-s{s}') for s in seeds]
+    if not any(results):
       continue
-    top1 = [r['eval']['top1'] for r in results]
+    if not all(results):
+      rows.append(f'| {label(method)} | (not finished: '
+                  f'{sum(map(bool, results))} of {len(seeds)} seeds) | | |')
+      continue
+    top1 = [r['top1'] for r in results]
     wall = sum(r['wall_time_sec'] for r in results)
     total += sum(r['total_time_sec'] for r in results)
     std = statistics.stdev(top1) if len(top1) > 1 else 0.0
-    rows.append(f'| {LABELS[method]} | {statistics.mean(top1):.2f} ± {std:.2f} | '
+    rows.append(f'| {label(method)} | {statistics.mean(top1):.2f} ± {std:.2f} | '
                 f'{", ".join(f"{t:.2f}" for t in top1)} | {wall / 60:.0f} |')
   afd_dir = workdir(root, 'afd', seeds[0])
   os.makedirs(os.path.dirname(REPORT), exist_ok=True)
@@ -93,7 +133,7 @@ def report(root, seeds):
     shutil.copyfile(os.path.join(afd_dir, 'attention.png'), HEATMAP)
   c = fashion_mnist.get_config(f'method=afd,seed={seeds[0]}')
   lines = [
-      '# Fashion-MNIST: student alone vs KD vs FitNet vs AT vs AFD',
+      '# Fashion-MNIST: the student alone vs KD, AFD and the other distillation methods',
       '',
       f'Teacher {fashion_mnist.TEACHER} -> student {fashion_mnist.STUDENT}, Debian\'s '
       '`dataset-fashion-mnist` through the offline `fashion_mnist_local` builder. Schedule '
@@ -102,8 +142,11 @@ def report(root, seeds):
       f'decay, weight decay {c.optimizer.weight_decay}, crop + flip. Top-1 on the full 10,000-image '
       'test split at the **last epoch** (the protocol of the CRD benchmark), mean ± sample std '
       f'over seeds {", ".join(map(str, seeds))}; each student distils the teacher of its seed. Loss '
-      'weights as the CRD benchmark: KD = 0.1 CE + 0.9 KD (T 4); FitNet CE + 100 hint; AT CE + '
-      '1000 AT; AFD CE + 0.9 KD + 200 L_AFD (the official recipe).',
+      'weights as each method\'s original code (configs/methods.py, which cites them): KD = 0.1 '
+      'CE + 0.9 KD (T 4); FitNet CE + 100 hint; AT CE + 1000 AT; AFD CE + 0.9 KD + 200 L_AFD '
+      '(the official recipe); the CRD benchmark\'s others at its weights, AB, FT and FSP after '
+      f'their own pre-training stage of {fashion_mnist.PRETRAIN_EPOCHS} epochs (the benchmark\'s '
+      '30 of 240, scaled); SemCKD, ReviewKD and DKD at their repositories\' CIFAR-100 weights.',
       '',
       '| run | top-1 (%) | per seed | train min (3 seeds) |',
       '|---|---|---|---|',
@@ -137,14 +180,26 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--root', default=os.path.join(REPO, 'workdirs', 'fashion_mnist'))
   parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--methods', default=','.join(fashion_mnist.METHODS[1:]),
+                      help='comma-separated students to run (the teachers run as needed)')
   parser.add_argument('--report-only', action='store_true')
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(',')]
-  if not args.report_only:
+  chosen = [m for m in args.methods.split(',') if m]
+  unknown = [m for m in chosen if m not in fashion_mnist.METHODS]
+  if unknown:
+    parser.error(f'unknown method(s) {unknown}; choose from {", ".join(fashion_mnist.METHODS)}')
+  record = load_record()
+  if not args.report_only:  # the teachers first, then method by method (every seed of one)
+    students = [m for m in chosen if m != 'teacher']
     for seed in seeds:
-      for method in fashion_mnist.METHODS:
-        run(args.root, method, seed)
-  report(args.root, seeds)
+      if (any(f'{m}-s{seed}' not in record for m in students)
+          or f'teacher-s{seed}' not in record):
+        run(args.root, 'teacher', seed, record)
+    for method in students:
+      for seed in seeds:
+        run(args.root, method, seed, record)
+  report(args.root, seeds, record)
 
 
 if __name__ == '__main__':
