@@ -39,10 +39,11 @@ def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128,
                  teacher_options=None, student_options=None, bn_group_size: int = 0,
                  teacher_dtype: str = '', batch_size: int = 64):
   """Official CIFAR-100 hyper-parameters; `ce`: student alone, `kd`: + Hinton KD,
-  other methods: + KD + that feature loss at its default weight (distill.DEFAULT_FEATURE_WEIGHT).
+  other methods: + KD + that method's loss at its registered weight.
 
-  fitnet/at/sp are timed with KD 0.9 on top, like afd (CRD runs them without KD), so that every
-  feature method's ratio to kd is the cost of its feature loss alone."""
+  Every method is timed with KD 0.9 on top, like afd (most run without KD in their own
+  recipes), so that each method's ratio to kd is the cost of its own loss alone. AB and FSP
+  (weight 0 in the main stage) then cost what kd does: their cost is their own stage."""
   known = ('ce', 'kd') + distill.registry.names()[1:]  # methods registered since import too
   if method not in known:
     raise ValueError(f'Unknown method {method!r}. Known methods: {", ".join(known)}.')
@@ -78,7 +79,7 @@ class Case:
     rep = sharding.replicated(mesh)
     images = jnp.zeros((2,) + shape)
     self.teacher_vars = None
-    if self.task.needs_teacher:
+    if self.task.teacher is not None:
       self.teacher_vars = jax.device_put(jax.jit(
           lambda k: self.task.teacher.init(k, images, train=False))(jax.random.PRNGKey(1)), rep)
     init = step.jit_init_state(self.task, mesh, shape, jax.eval_shape(lambda: self.teacher_vars)

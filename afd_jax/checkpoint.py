@@ -15,12 +15,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
 
+from afd_jax.distill import registry
 from afd_jax.errors import UserError, warn
 
 CHECKPOINTS = 'checkpoints'
-# Settings a checkpoint must agree with to be resumed (dotted config paths, plus num_classes).
-# Settings a checkpoint must agree with to be resumed; the running method's own section
-# (`config.<method>.*`, e.g. afd.qk_dim) is added to these.
+# Settings a checkpoint must agree with to be resumed (dotted config paths, plus num_classes);
+# the running method's own section (`config.<method>.*`, e.g. afd.qk_dim) and, for a method
+# with a stage of its own, `config.pretrain.*` are added to these.
 FINGERPRINT = ('dataset.name', 'num_classes', 'student.name', 'teacher.name', 'method',
                'batch_size')
 
@@ -38,6 +39,9 @@ def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
   for key, value in (own.items() if own is not None and hasattr(own, 'items') else ()):
     # A method's own settings matter only when it runs; as JSON keeps them (tuples: lists).
     out[f'{config.method}.{key}'] = list(value) if isinstance(value, tuple) else value
+  if config.method in registry.names()[1:] and registry.get(config.method).pretrain is not None:
+    for key, value in config.pretrain.items():  # where the stage ends and how it trains
+      out[f'pretrain.{key}'] = value
   return out
 
 

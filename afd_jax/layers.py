@@ -5,7 +5,7 @@ The official AFD code is PyTorch; to match it number for number we need its batc
 """
 import contextlib
 import contextvars
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,49 @@ def linear_bias_init(fan_in: int):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
+
+
+class TorchConv(nn.Module):
+  """`torch.nn.Conv2d` (bias, PyTorch's default init: `linear_kernel_init`, `linear_bias_init`) on channels-last maps; `kernel` is HWIO."""
+  features: int
+  kernel: Tuple[int, int]
+  stride: int = 1
+  padding: int = 0
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = x.shape[-1] * self.kernel[0] * self.kernel[1]
+    return nn.Conv(self.features, self.kernel, strides=(self.stride, self.stride),
+                   padding=((self.padding, self.padding), (self.padding, self.padding)),
+                   kernel_init=linear_kernel_init, bias_init=linear_bias_init(fan_in),
+                   name='conv')(x)
+
+
+class TorchConvTranspose(nn.Module):
+  """`torch.nn.ConvTranspose2d(in, features, kernel, stride, padding)` (no output padding).
+
+  Computed as its equivalent convolution: the input dilated by `stride`, padded by
+  `kernel - 1 - padding` on each side, convolved with the spatially flipped kernel. `kernel` is
+  stored in that convolution's HWIO layout: `kernel[h, w, i, o] = W[i, o, K-1-h, K-1-w]` for
+  PyTorch's weight `W` (in x out x K x K). Init: PyTorch's default, whose fan is `out * K * K`.
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: int = 0
+
+  @nn.compact
+  def __call__(self, x):
+    k, c_in = self.kernel, x.shape[-1]
+    init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_out', 'uniform')
+    kernel = self.param('kernel', init, (k, k, c_in, self.features), jnp.float32)
+    bias = self.param('bias', linear_bias_init(self.features * k * k), (self.features,),
+                      jnp.float32)
+    pad = k - 1 - self.padding
+    y = jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
+        lhs_dilation=(self.stride, self.stride), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + bias.astype(y.dtype)
 
 
 # torch.nn.init.xavier_normal_ (untruncated, unlike jax.nn.initializers.glorot_normal).

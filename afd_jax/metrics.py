@@ -37,8 +37,10 @@ class Writer:
 
 
 def mean_metrics(history: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-  """Mean of each metric over a list of fetched step metrics."""
-  return {k: np.mean([h[k] for h in history], axis=0) for k in history[0]}
+  """Mean of each metric over the fetched step metrics that have it (a pre-training stage's
+  steps report other terms than the main training's)."""
+  keys = list(dict.fromkeys(k for h in history for k in h))
+  return {k: np.mean([h[k] for h in history if k in h], axis=0) for k in keys}
 
 
 def first_non_finite(history: Sequence[Dict[str, np.ndarray]], first_step: int) -> Optional[str]:

@@ -53,8 +53,14 @@ class Task:
   pretrain: Optional['PretrainTask'] = None
 
   @property
+  def distils_features(self) -> bool:
+    """Does the main step compute the distiller? Not at weight 0 (AB and FSP, which act in
+    their own stage only)."""
+    return self.distiller is not None and self.feature_weight != 0
+
+  @property
   def needs_teacher(self) -> bool:
-    return self.distiller is not None or self.kd_weight > 0
+    return self.distils_features or self.kd_weight > 0
 
   @property
   def pretrain_steps(self) -> int:
@@ -120,7 +126,7 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
               bn_group_size=getattr(config, 'bn_group_size', 0),
               distiller_inputs=method.inputs if method is not None else (),
               steps_per_epoch=steps_per_epoch,
-              pretrain=pretrain if pretrain is not None and pretrain.steps else None)
+              pretrain=pretrain)  # kept at 0 steps too: the state's layout is the method's
 
 
 def pretrain_task(config, spec: 'distill.registry.Pretrain', student, steps_per_epoch: int,
@@ -225,6 +231,12 @@ def init_state(task: Task, rng: jax.Array, image_shape, teacher_abstract=None) -
                                          train=False, **inputs)
     params['distiller'] = distiller_vars.get('params', {})
     stats['distiller'] = distiller_vars.get('batch_stats', {})
+    if task.pretrain is not None:
+      named = task.pretrain.distiller_params + task.pretrain.frozen_after
+      unknown = sorted(set(g for g in named if g not in params['distiller']))
+      if unknown:
+        raise ValueError(f'the pre-training stage names distiller parameter groups {unknown}; '
+                         f'the distiller has {sorted(params["distiller"])}.')
   opt_state = task.tx.init(params)
   if task.pretrain is not None:
     opt_state = (task.pretrain.tx.init(params), opt_state)
@@ -262,7 +274,7 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
         loss += task.kd_weight * terms['kd']
       stats = {'student': s_updates['batch_stats'], 'distiller': state.batch_stats['distiller']}
       aux = None
-      if task.distiller is not None:
+      if task.distils_features:
         inputs = distiller_inputs(task, student_logits=logits, teacher_logits=t_logits,
                                   student_embedding=s_embedding, teacher_embedding=t_embedding,
                                   batch=batch, step=state.step, rng=jax.random.fold_in(rng, 1))

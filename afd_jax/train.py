@@ -272,7 +272,8 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
       epoch_end = done % steps_per_epoch == 0 or done == total_steps
       preempted = watch.reached(done)
       periodic = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
-      if done % config.log_every_steps == 0 or epoch_end or periodic or preempted:
+      stage_end = done == task.pretrain_steps  # the method's own stage ends: log it apart
+      if done % config.log_every_steps == 0 or epoch_end or periodic or preempted or stage_end:
         fetched = jax.device_get(history)
         problem = metrics.first_non_finite(fetched, history_start + 1)
         if problem:

@@ -17,7 +17,7 @@ The dataset: `tfds build cifar100` once (needs network), or any prepared TFDS da
 """
 from afd_jax.data import stats
 from configs import methods
-from configs.base import get_base_config, parse_arg
+from configs.base import parse_arg
 
 PAIRS = (('wrn40x2', 'wrn16x2'), ('wrn40x2', 'wrn40x1'), ('resnet56', 'resnet20'),
          ('resnet110', 'resnet20'), ('resnet110', 'resnet32'), ('resnet32x4', 'resnet8x4'),
@@ -28,6 +28,9 @@ PAIRS = (('wrn40x2', 'wrn16x2'), ('wrn40x2', 'wrn40x1'), ('resnet56', 'resnet20'
 DKD_BETA = {('wrn40x2', 'wrn16x2'): 6.0, ('wrn40x2', 'wrn40x1'): 6.0, ('resnet56', 'resnet20'): 2.0,
             ('resnet110', 'resnet32'): 2.0, ('vgg13', 'vgg8'): 6.0}
 REVIEWKD_WEIGHT = {('resnet56', 'resnet20'): 0.6, ('resnet110', 'resnet32'): 1.0}
+# FT's paraphraser stage: lr 0.01 for the benchmark's ResNet/WRN students (ft.py's default),
+# else the main rate (RepDistiller helper/pretrain.py): the VGG student.
+FT_PRETRAIN_LR = {'vgg8': 0.05, 'vgg13': 0.05}
 DEFAULTS = {'teacher': 'wrn40x2', 'student': 'wrn16x2', 'method': 'afd', 'seed': '0', 'model': ''}
 
 
@@ -49,6 +52,8 @@ def get_config(arg: str = ''):
     c.dkd.beta = DKD_BETA[pair]
   if c.method == 'reviewkd' and pair in REVIEWKD_WEIGHT:
     c.loss.feature_weight = REVIEWKD_WEIGHT[pair]
+  if c.method == 'ft' and a['student'] in FT_PRETRAIN_LR:
+    c.pretrain.learning_rate = FT_PRETRAIN_LR[a['student']]
   distilled = c.method != 'none' or c.loss.kd_weight > 0
   c.name = (f'cifar100-{a["teacher"]}-{a["student"]}-{a["method"]}' if distilled
             else f'cifar100-{a["student"]}')

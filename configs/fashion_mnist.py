@@ -25,8 +25,10 @@ METHODS = ('teacher', 'none', 'kd', 'fitnet', 'at', 'afd',
            'cc', 'vid', 'rkd', 'pkt', 'nst', 'crd', 'crd+kd', 'ab', 'ft', 'fsp', 'sp',
            'semckd', 'reviewkd', 'dkd')
 # A method's own pre-training stage (AB, FT, FSP) keeps the CRD benchmark's proportion:
-# 30 init epochs for 240 (train_student.py --init_epochs), here 10 * 30 / 240.
+# 30 init epochs for 240 (train_student.py --init_epochs), here 10 * 30 / 240; so do the
+# 20-epoch warm-ups of DKD and ReviewKD (of 240): 10 * 20 / 240 epochs.
 PRETRAIN_EPOCHS = 1.25
+WARMUP_EPOCHS = 10 * 20 / 240
 DEFAULTS = {'method': 'afd', 'seed': '0'}
 TEACHER, STUDENT = 'resnet20', 'resnet8'
 
@@ -49,6 +51,7 @@ def get_config(arg: str = ''):
   c.optimizer.learning_rate, c.optimizer.weight_decay = 0.1, 5e-4
   c.optimizer.schedule = 'cosine'
   c.pretrain.epochs = PRETRAIN_EPOCHS
+  c.dkd.warmup = c.reviewkd.warmup = WARMUP_EPOCHS
   c.log_every_steps = 100
   c.keep_checkpoints = 2
   return c

@@ -76,9 +76,12 @@ def set_method(config, method: str, kd_weight=None):
 
 def get_config(arg: str = 'afd'):
   """The base config with method `arg` (one of `choices()`, optionally `+kd` for KD on top:
-  0.9, or the method's own benchmark's weight, `PLUS_KD_WEIGHT`)."""
+  0.9, or the method's own benchmark's weight, `PLUS_KD_WEIGHT`; a method whose recipe has KD
+  already, e.g. afd or semckd, keeps its own weight)."""
   method, plus_kd = (arg[:-3], True) if arg.endswith('+kd') else (arg, False)
-  config = set_method(get_base_config(), method,
-                      kd_weight=PLUS_KD_WEIGHT.get(method, 0.9) if plus_kd else None)
+  plus = None
+  if plus_kd and method in choices() and logit_weights(method)[1] == 0:
+    plus = PLUS_KD_WEIGHT.get(method, 0.9)
+  config = set_method(get_base_config(), method, kd_weight=plus)
   config.name = arg
   return config

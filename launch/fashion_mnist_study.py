@@ -146,7 +146,8 @@ def report(root, seeds, record):
       'CE + 0.9 KD (T 4); FitNet CE + 100 hint; AT CE + 1000 AT; AFD CE + 0.9 KD + 200 L_AFD '
       '(the official recipe); the CRD benchmark\'s others at its weights, AB, FT and FSP after '
       f'their own pre-training stage of {fashion_mnist.PRETRAIN_EPOCHS} epochs (the benchmark\'s '
-      '30 of 240, scaled); SemCKD, ReviewKD and DKD at their repositories\' CIFAR-100 weights.',
+      '30 of 240, scaled); SemCKD, ReviewKD and DKD at their repositories\' CIFAR-100 weights, '
+      f'the 20-epoch warm-ups of the last two scaled alike ({fashion_mnist.WARMUP_EPOCHS:.2f}).',
       '',
       '| run | top-1 (%) | per seed | train min (3 seeds) |',
       '|---|---|---|---|',

@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from afd_jax import distill, train
+from afd_jax import sharding, step, train
 from afd_jax.distill import registry
 from configs import methods
 from tests import runs
-from tests.test_methods import IMAGE, fixed_batch, mesh8
-from afd_jax import sharding, step
+from tests.test_methods import IMAGE, fixed_batch, mesh8, task_for
 
 
 class Reconstruct(nn.Module):
@@ -50,7 +49,6 @@ def toy_pretrain_method():
 def test_pretrain_step_trains_only_what_it_names(toy_pretrain_method):
   """During the stage: the distiller and the student body move, the student's classifier does
   not, the main optimizer's state is untouched; the schedule's reported rate is the stage's."""
-  from tests.test_methods import task_for  # pylint: disable=g-import-not-at-top
   task, mesh = task_for('toy_pretrain'), mesh8()
   assert task.pretrain.steps == 2 and task.pretrain.classifier == ('fc',)
   rep = sharding.replicated(mesh)
@@ -102,3 +100,21 @@ def test_a_run_interrupted_in_the_stage_resumes_across_it_exactly(
   assert resumed['final_step'] == whole['final_step'] == pretrain_steps + 4
   assert resumed['state_sha256'] == whole['state_sha256']
   assert resumed['eval'] == whole['eval']
+
+
+def test_a_log_window_across_the_stage_boundary_and_the_fingerprint(toy_pretrain_method):
+  """A logging window holding stage and main steps averages each term over the steps that have
+  it; a checkpoint of a method with a stage records where the stage ends (config.pretrain.*),
+  so a resume with another stage length is refused instead of silently moving the boundary."""
+  from afd_jax import checkpoint, metrics  # pylint: disable=g-import-not-at-top
+  window = [{'pretrain': np.float32(2.0), 'loss': np.float32(2.0)},
+            {'ce': np.float32(1.0), 'loss': np.float32(4.0)}]
+  means = metrics.mean_metrics(window)
+  assert (means['pretrain'], means['ce'], means['loss']) == (2.0, 1.0, 3.0)
+  c = methods.get_config('toy_pretrain')
+  saved = checkpoint.fingerprint(c, 10, True)
+  assert saved['pretrain.epochs'] == -1.0
+  c.pretrain.epochs = 2.0
+  with pytest.raises(Exception, match='pretrain.epochs'):
+    checkpoint.check_compatible({'fingerprint': saved}, checkpoint.fingerprint(c, 10, True), 'w')
+  assert 'pretrain.epochs' not in checkpoint.fingerprint(methods.get_config('afd'), 10, True)

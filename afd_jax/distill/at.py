@@ -14,7 +14,7 @@ from afd_jax.distill import registry
 from afd_jax.distill.afd import l2_normalize, spatial_energy
 from afd_jax.distill.pooling import adaptive_avg_pool2d
 from afd_jax.layers import at_least_f32, check_feature_pair
-from afd_jax.models.taps import Tap, stage_final
+from afd_jax.taps import Tap, stage_final
 
 Pairs = Tuple[Tuple[int, int], ...]
 

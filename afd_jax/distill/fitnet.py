@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from afd_jax.distill import registry
 from afd_jax.distill.at import check_index, pool_nhwc
 from afd_jax.layers import BatchNorm, at_least_f32, check_feature_pair, conv, linear_kernel_init
-from afd_jax.models.taps import Tap, stage_final
+from afd_jax.taps import Tap, stage_final
 
 
 def hint_stage(taps: Sequence[Tap]) -> int:

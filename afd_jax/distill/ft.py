@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 
 from afd_jax.distill import registry
-from afd_jax.distill.ab import TorchConv, TorchConvTranspose
 from afd_jax.distill.at import attention_map, check_index, pool_nhwc
-from afd_jax.layers import BatchNorm, at_least_f32, check_feature_pair
+from afd_jax.layers import (BatchNorm, TorchConv, TorchConvTranspose, at_least_f32,
+                            check_feature_pair)
 
 LEAK = 0.1
 

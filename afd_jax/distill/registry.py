@@ -23,7 +23,8 @@ INPUTS = {
     'teacher_logits': 'B x classes float32 logits of the teacher (constants)',
     'labels': 'B int32 labels',
     'index': "B int32 indices of the examples in the training split (the data's 'index')",
-    'epoch': 'int32 scalar: the 1-based epoch of the main stage (step // steps_per_epoch + 1)',
+    'epoch': 'int32 scalar: the 1-based epoch of the main stage, after any pre-training stage '
+             '((step - pretrain_steps) // steps_per_epoch + 1)',
     'rng': 'a PRNG key for this step, for sampling inside the method',
     'student_embedding': "B x D: the input of the student's classifier (penultimate features)",
     'teacher_embedding': "B x D: the input of the teacher's classifier (constants)",

@@ -50,7 +50,7 @@ from afd_jax.distill import registry
 from afd_jax.distill.at import pool_nhwc
 from afd_jax.layers import (BatchNorm, at_least_f32, check_feature_pair, conv, linear_bias_init,
                             linear_kernel_init)
-from afd_jax.models.taps import stage_final
+from afd_jax.taps import stage_final
 
 WARMUP = 20.0        # train.py:50 (--kd-warm-up 20.0)
 LOSS_WEIGHT = 5.0    # script/reviewKD.sh:1 and :7 (--kd-loss-weight 5.0)

@@ -49,7 +49,7 @@ from afd_jax.distill.afd import l2_normalize
 from afd_jax.distill.at import pool_nhwc
 from afd_jax.layers import (BatchNorm, at_least_f32, check_feature_pair, conv, linear_bias_init,
                             linear_kernel_init)
-from afd_jax.models.taps import stage_final
+from afd_jax.taps import stage_final
 
 DEFAULT_BATCH_SIZE = 64  # train_student.py:47 (--batch_size 64), one GPU
 

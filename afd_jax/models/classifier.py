@@ -1,7 +1,7 @@
 """Any model's classifier and its input (the embedding, or penultimate features).
 
-The classifier is found, not declared: it is the last submodule call whose output has the
-shape of the logits the model returns (`fc` of the CNNs, `head` of the ViTs, the last Dense of
+The classifier is found, not declared: it is the last submodule call with parameters whose
+output has the shape of the logits the model returns (`fc` of the CNNs, `head` of the ViTs, the last Dense of
 a model from anywhere), and the embedding is its input, flattened to `B x D`. The search is a
 Flax method interceptor, a trace-time hook: under `jit` the program holds only the arrays used.
 """
@@ -12,7 +12,8 @@ import jax
 
 
 class _LastTwoDimCalls:
-  """Records (path, input, output) of every submodule `__call__` whose output is `B x N`."""
+  """Records (path, input, output) of every submodule `__call__` that has parameters and
+  returns `B x N` (a parameter-free layer after the classifier, e.g. dropout, is not it)."""
 
   def __init__(self):
     self.calls: List[Tuple[str, Any, Any]] = []
@@ -20,7 +21,8 @@ class _LastTwoDimCalls:
   def __call__(self, next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     if (context.method_name == '__call__' and context.module.path and args
-        and hasattr(args[0], 'shape') and hasattr(out, 'shape') and out.ndim == 2):
+        and hasattr(args[0], 'shape') and hasattr(out, 'shape') and out.ndim == 2
+        and context.module.variables.get('params')):
       self.calls.append(('/'.join(str(p) for p in context.module.path), args[0], out))
     return out
 

@@ -1,23 +1,5 @@
-"""What a model's feature taps are: a name (the PyTorch module that produces it) and a stage."""
-import dataclasses
-from typing import List, Sequence
+"""The models' feature taps (defined in afd_jax/taps.py, which knows no models, so that
+`distill/` can use them without importing the model zoo)."""
+from afd_jax.taps import Tap, stage_final
 
-
-@dataclasses.dataclass(frozen=True)
-class Tap:
-  """One tapped feature map.
-
-  Attributes:
-    name: the PyTorch module path of the block whose output this is (e.g. 'layer2.0').
-    stage: 1-based index of the resolution stage the tap belongs to.
-  """
-  name: str
-  stage: int
-
-
-def stage_final(taps: Sequence[Tap]) -> List[int]:
-  """Indices of the last tap of every stage, in stage order."""
-  last = {}
-  for i, tap in enumerate(taps):
-    last[tap.stage] = i
-  return [last[s] for s in sorted(last)]
+__all__ = ['Tap', 'stage_final']
