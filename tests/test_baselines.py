@@ -15,7 +15,7 @@ from afd_jax import bench, distill, models, sharding, step, train
 from afd_jax.distill import AT, SP, FitNet
 from afd_jax.errors import UserError
 from configs import base, methods
-from tests.test_step import mesh_of, toy_batch
+from tests.test_step import mesh_of
 
 EPS = 1e-5
 
@@ -355,50 +355,11 @@ def test_method_configs_state_crd_weights():
 
 
 # ---------------------------------------------------------------------------------------------
-# The engine and the benchmark (resnet14 -> resnet8, 8x8 images, batch 8 on 8 devices). Both
-# build the task from bench_config, so the benchmark reuses the compiled programs (the
-# session's persistent compilation cache).
+# The benchmark (resnet14 -> resnet8, 8x8 images, batch 8). Every method's step on 8 devices:
+# tests/test_methods.py.
 
 BENCH_ARGS = ('--teacher', 'resnet14', '--student', 'resnet8', '--batch', '8', '--image-size', '8',
               '--num-classes', '4')
-
-
-@pytest.fixture(scope='module')
-def engine_mesh_and_teacher():
-  """The 8-device mesh and resnet14 teacher variables, shared by the methods (as bench makes them)."""
-  mesh, teacher = mesh_of(8), models.create('resnet14', 4)
-  images = jnp.zeros((2, 8, 8, 3))
-  variables = jax.jit(lambda k: teacher.init(k, images, train=False))(jax.random.PRNGKey(1))
-  return mesh, jax.device_put(variables, sharding.replicated(mesh))
-
-
-@pytest.mark.parametrize('method', ['fitnet', 'at', 'sp'])
-def test_runs_in_the_engine_on_8_devices(method, engine_mesh_and_teacher):
-  mesh, teacher_vars = engine_mesh_and_teacher
-  task = step.task_from_config(bench.bench_config(method, 'resnet14', 'resnet8'), 4, 781)
-  assert task.feature_weight == distill.DEFAULT_FEATURE_WEIGHT[method] and task.kd_weight == 0.9
-  state = step.jit_init_state(task, mesh, (8, 8, 3), jax.eval_shape(lambda: teacher_vars))(
-      jax.random.PRNGKey(0))
-  distiller0 = jax.device_get(state.params['distiller'])
-  if method == 'fitnet':
-    # resnet8 stage 2 (tap 1, 32 channels) -> resnet14 stage 2 (tap 3, 32 channels).
-    assert distiller0['conv']['kernel'].shape == (1, 1, 32, 32)
-  else:
-    assert not jax.tree.leaves(distiller0) and not jax.tree.leaves(state.batch_stats['distiller'])
-  train_step = step.jit_train_step(task, mesh)
-  rng = np.random.default_rng(7)
-  for _ in range(3):
-    state, m = train_step(state, teacher_vars, sharding.global_batch(toy_batch(rng, 8), mesh))
-    m = jax.device_get(m)
-    for k in ('loss', 'ce', 'kd', method, 'grad_norm'):
-      assert np.isfinite(m[k]), k
-    assert m[method] > 0
-  assert train_step._cache_size() == 1  # pylint: disable=protected-access
-  assert int(state.step) == 3
-  if method == 'fitnet':
-    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
-                           jax.device_get(state.params['distiller']), distiller0)
-    assert all(jax.tree.leaves(changed))
 
 
 def test_benchmark_accepts_every_method(capsys):

@@ -78,10 +78,22 @@ def test_method_trains_on_eight_devices(method):
         assert unchanged(after['distiller'][group], before['distiller'][group]), group
   frozen = jax.device_get(state.params['distiller'])
   train_step = step.jit_train_step(task, mesh)
+  stats0 = jax.device_get(state.batch_stats['distiller'])
   history = []
   for _ in range(4):
     state, m = train_step(state, teacher_vars, batch)
     history.append(jax.device_get(m))
+  assert train_step._cache_size() == 1  # pylint: disable=protected-access  (one compilation)
+  # The method's own parameters (where it has any and acts in the main stage) learn, and its
+  # state (batch statistics, memory banks) moves in training.
+  after = jax.device_get(state.params['distiller'])
+  if jax.tree.leaves(after) and task.feature_weight:
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after),
+                                                        jax.tree.leaves(frozen)))
+  stats = jax.device_get(state.batch_stats['distiller'])
+  if jax.tree.leaves(stats) and task.feature_weight:
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(stats),
+                                                        jax.tree.leaves(stats0)))
   for group in (task.pretrain.frozen_after if task.pretrain is not None else ()):
     for x, y in zip(jax.tree.leaves(frozen[group]),
                     jax.tree.leaves(jax.device_get(state.params['distiller'][group]))):
