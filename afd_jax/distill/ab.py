@@ -39,6 +39,10 @@ output, for VGG the last BN's output); afd_jax's taps are `ReLU(x)` of exactly t
   connector the connector's output can still reach `-m`. Given the same inputs (a pre-activation
   tap from a model of your own) this module is the original exactly;
   tests/test_parity_pretrain_methods.py checks it on signed maps.
+The student body of the stage is every parameter but the classifier (`models.classifier`).
+For the WRNs the benchmark's `get_feat_modules()` also leaves out the final batch norm
+(`bn1`), which its `init()` neither trains nor switches to training mode; here it trains and
+its running statistics move during the stage (the WRN taps pass through it).
 """
 from typing import List, Sequence, Tuple
 

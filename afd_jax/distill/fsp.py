@@ -23,6 +23,10 @@ tap of each stage both models have (`stage_pairs`), consecutive stages paired: f
 WRNs the matrices (f1, f2) and (f2, f3) - the benchmark's last two, the same maps for its
 ResNets - without (f0, f1); for VGG all four, the same maps. (The benchmark's WRN `f1..f3` are the
 raw block outputs; afd_jax's WRN taps are ReLU(BN(.)) of them.)
+The student body of the stage is every parameter but the classifier (`models.classifier`).
+For the WRNs the benchmark's `get_feat_modules()` also leaves out the final batch norm
+(`bn1`), which its `init()` neither trains nor switches to training mode; here it trains and
+its running statistics move during the stage (the WRN taps pass through it).
 """
 from typing import List, Sequence, Tuple
 
