@@ -15,16 +15,10 @@ from afd_jax.distill.crd import CRD, sample_negatives
 from afd_jax.errors import UserError
 from configs import methods
 from tests import runs
+from tests.test_reference import assert_close
 from tests.test_step import mesh_of
 
 VECTORS = pathlib.Path(__file__).resolve().parent / 'reference' / 'method_crd.npz'
-
-
-def assert_close(ours, ref, name):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, f'{name}: shape {ours.shape} vs {ref.shape}'
-  err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
-  assert err <= 1e-4 * scale, f'{name}: max|ours - ref| = {err:.3g} > 1e-4 * {scale:.3g}'
 
 
 def test_two_steps_match_repdistiller_crdloss():

@@ -23,16 +23,9 @@ from afd_jax.distill.ab import AB
 from afd_jax.distill.fsp import FSP
 from afd_jax.distill.ft import FT
 from tests.reference import weights
+from tests.test_reference import assert_close
 
 REFERENCE = pathlib.Path(__file__).resolve().parent / 'reference'
-
-
-def assert_close(ours, ref, name, scale=None):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, f'{name}: shape {ours.shape} vs {ref.shape}'
-  scale = np.abs(ref).max() if scale is None else scale
-  err = np.abs(ours - ref).max()
-  assert err <= 1e-4 * scale, f'{name}: max|ours - ref| = {err:.3g} > 1e-4 * {scale:.3g}'
 
 
 def load(name):

@@ -16,6 +16,7 @@ from afd_jax.distill.nst import NST
 from afd_jax.distill.pkt import PKT
 from afd_jax.distill.rkd import RKD
 from afd_jax.distill.vid import VID, VIDPair
+from tests.test_reference import assert_close
 
 REFERENCE = pathlib.Path(__file__).resolve().parent / 'reference'
 
@@ -23,14 +24,6 @@ REFERENCE = pathlib.Path(__file__).resolve().parent / 'reference'
 def load(name: str) -> dict:
   with np.load(REFERENCE / f'method_{name}.npz', allow_pickle=False) as data:
     return {k: data[k] for k in data.files}
-
-
-def assert_close(ours, ref, name):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, f'{name}: shape {ours.shape} vs {ref.shape}'
-  scale = np.abs(ref).max()
-  err = np.abs(ours - ref).max()
-  assert err <= 1e-4 * scale, f'{name}: max|ours - ref| = {err:.3g} > 1e-4 * {scale:.3g}'
 
 
 def maps(ref: dict, prefix: str) -> list:

@@ -24,6 +24,23 @@ def check_index(index: int, features: Sequence, what: str) -> None:
     raise ValueError(f'{what} {index} is out of range for {len(features)} feature maps.')
 
 
+def paired_features(pairs: Optional[Pairs], student_features: Sequence[jax.Array],
+                    teacher_features: Sequence[jax.Array]) -> List[Tuple[jax.Array, jax.Array]]:
+  """`(student map, teacher map)` of each pair, float32 or wider, the teacher's a constant;
+  `pairs` None pairs feature i with feature i for every i both lists have. Shared by the
+  methods that compare pairs of taps (AT, NST, VID)."""
+  check_feature_pair(student_features, teacher_features)
+  if pairs is None:
+    pairs = tuple((i, i) for i in range(min(len(student_features), len(teacher_features))))
+  out = []
+  for s_idx, t_idx in pairs:
+    check_index(s_idx, student_features, 'student index')
+    check_index(t_idx, teacher_features, 'teacher index')
+    out.append((at_least_f32(student_features[s_idx]),
+                jax.lax.stop_gradient(at_least_f32(teacher_features[t_idx]))))
+  return out
+
+
 def pool_nhwc(f: jax.Array, hw: Tuple[int, int]) -> jax.Array:
   """PyTorch's adaptive average pooling of a `B x H x W x C` map to `hw`."""
   if tuple(f.shape[1:3]) == tuple(hw):
@@ -69,16 +86,8 @@ class AT(nn.Module):
   def __call__(self, student_features: Sequence[jax.Array],
                teacher_features: Sequence[jax.Array], train: bool):
     del train  # No parameters or statistics.
-    check_feature_pair(student_features, teacher_features)
-    pairs = self.pairs
-    if pairs is None:
-      pairs = tuple((i, i) for i in range(min(len(student_features), len(teacher_features))))
     losses: List[jax.Array] = []
-    for s_idx, t_idx in pairs:
-      check_index(s_idx, student_features, 'student index')
-      check_index(t_idx, teacher_features, 'teacher index')
-      f_s = at_least_f32(student_features[s_idx])
-      f_t = jax.lax.stop_gradient(at_least_f32(teacher_features[t_idx]))
+    for f_s, f_t in paired_features(self.pairs, student_features, teacher_features):
       hw = (min(f_s.shape[1], f_t.shape[1]), min(f_s.shape[2], f_t.shape[2]))
       a_s, a_t = attention_map(pool_nhwc(f_s, hw)), attention_map(pool_nhwc(f_t, hw))
       losses.append(jnp.mean(jnp.square(a_s - a_t)))

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 
 from afd_jax.distill import registry
 from afd_jax.distill.afd import l2_normalize
-from afd_jax.distill.at import Pairs, check_index, pool_nhwc, stage_pairs
-from afd_jax.layers import at_least_f32, check_feature_pair
+from afd_jax.distill.at import Pairs, paired_features, pool_nhwc, stage_pairs
 
 
 def channel_activations(f: jax.Array) -> jax.Array:
@@ -64,17 +63,9 @@ class NST(nn.Module):
   @nn.compact
   def __call__(self, student_features, teacher_features, train: bool):
     del train  # No parameters or statistics.
-    check_feature_pair(student_features, teacher_features)
-    pairs = self.pairs
-    if pairs is None:
-      pairs = tuple((i, i) for i in range(min(len(student_features), len(teacher_features))))
-    losses: List[jax.Array] = []
-    for s_idx, t_idx in pairs:
-      check_index(s_idx, student_features, 'student index')
-      check_index(t_idx, teacher_features, 'teacher index')
-      f_s = at_least_f32(student_features[s_idx])
-      f_t = jax.lax.stop_gradient(at_least_f32(teacher_features[t_idx]))
-      losses.append(nst_pair_loss(f_s, f_t))
+    losses: List[jax.Array] = [
+        nst_pair_loss(f_s, f_t)
+        for f_s, f_t in paired_features(self.pairs, student_features, teacher_features)]
     per_pair = jnp.stack(losses)
     return jnp.sum(per_pair), per_pair
 

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from afd_jax.distill import registry
-from afd_jax.distill.at import Pairs, check_index, pool_nhwc, stage_pairs
-from afd_jax.layers import at_least_f32, check_feature_pair, conv, linear_kernel_init
+from afd_jax.distill.at import Pairs, paired_features, pool_nhwc, stage_pairs
+from afd_jax.layers import at_least_f32, conv, linear_kernel_init
 
 INIT_PRED_VAR = 5.0  # VID.py:16 (init_pred_var=5.0)
 EPS = 1e-5  # VID.py:17 (eps=1e-5)
@@ -71,16 +71,9 @@ class VID(nn.Module):
   @nn.compact
   def __call__(self, student_features, teacher_features, train: bool):
     del train  # No batch statistics.
-    check_feature_pair(student_features, teacher_features)
-    pairs = self.pairs
-    if pairs is None:
-      pairs = tuple((i, i) for i in range(min(len(student_features), len(teacher_features))))
     losses: List[jax.Array] = []
-    for k, (s_idx, t_idx) in enumerate(pairs):
-      check_index(s_idx, student_features, 'student index')
-      check_index(t_idx, teacher_features, 'teacher index')
-      f_s = at_least_f32(student_features[s_idx])
-      f_t = jax.lax.stop_gradient(at_least_f32(teacher_features[t_idx]))
+    pairs = paired_features(self.pairs, student_features, teacher_features)
+    for k, (f_s, f_t) in enumerate(pairs):
       losses.append(VIDPair(self.init_pred_var, name=f'pair{k}')(f_s, f_t))
     per_pair = jnp.stack(losses)
     return jnp.sum(per_pair), per_pair

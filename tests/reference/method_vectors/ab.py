@@ -7,10 +7,9 @@ loss.) The five pairs cover every connector: identity (equal channels and height
 (equal height), 3x3 stride-2 conv (s = 2t), 4x4 stride-2 transposed conv (2s = t), and a valid
 2x2 conv (s = t + 1). Feature maps are signed (the benchmark feeds pre-activation maps).
 """
-import importlib.util
-import os
-
 import numpy as np
+
+from method_vectors import load
 
 REPO = 'repdistiller'
 SEED = 3100
@@ -20,19 +19,11 @@ PAIRS = [((3, 4), (3, 4)), ((3, 4), (5, 4)), ((3, 4), (4, 2)), ((2, 2), (3, 4)),
          ((3, 3), (4, 2))]
 
 
-def load(repo_dir, relative, name):
-  """A RepDistiller file as a module of its own (its package names clash with other repos')."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(repo_dir, relative))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def make(repo_dir):
   import torch  # pylint: disable=g-import-not-at-top
   from make_vectors import f32, load_generated, nhwc  # pylint: disable=g-import-not-at-top
-  ab = load(repo_dir, 'distiller_zoo/AB.py', 'repdistiller_ab')
-  util = load(repo_dir, 'models/util.py', 'repdistiller_models_util')
+  ab = load(repo_dir, 'distiller_zoo/AB.py')
+  util = load(repo_dir, 'models/util.py')
   torch.manual_seed(SEED)
   rng = np.random.default_rng(SEED)
   s_np = [(1.5 * rng.standard_normal((BATCH, h, h, c))).astype(np.float32) for (c, h), _ in PAIRS]

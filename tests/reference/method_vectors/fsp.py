@@ -6,10 +6,9 @@ term, helper/loops.py:174-176, so this is the only loss). Four maps per model, e
 spatial sizes chosen so that both the lower and the upper map of a pair get pooled, to sizes
 that divide and that do not (student 4, 4, 2, 3; teacher 6, 4, 4, 2). FSP has no parameters.
 """
-import importlib.util
-import os
-
 import numpy as np
+
+from method_vectors import load
 
 REPO = 'repdistiller'
 SEED = 3300
@@ -19,18 +18,10 @@ STUDENT_HW = (4, 4, 2, 3)
 TEACHER_HW = (6, 4, 4, 2)
 
 
-def load(repo_dir, relative, name):
-  """A RepDistiller file as a module of its own (its package names clash with other repos')."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(repo_dir, relative))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def make(repo_dir):
   import torch  # pylint: disable=g-import-not-at-top
   from make_vectors import f32, nhwc  # pylint: disable=g-import-not-at-top
-  fsp = load(repo_dir, 'distiller_zoo/FSP.py', 'repdistiller_fsp')
+  fsp = load(repo_dir, 'distiller_zoo/FSP.py')
   torch.manual_seed(SEED)
   rng = np.random.default_rng(SEED)
   s_np = [rng.standard_normal((BATCH, h, h, c)).astype(np.float32)

@@ -10,10 +10,9 @@
   `main_pool` a 3 x 3 student and a 5 x 5 teacher map (the teacher's factor is pooled, 5 -> 3).
 Weights are redrawn from `<case>/<module>/{seed,gain,keys,shapes}` (tests/reference/weights.py).
 """
-import importlib.util
-import os
-
 import numpy as np
+
+from method_vectors import load
 
 REPO = 'repdistiller'
 SEED = 3200
@@ -22,19 +21,11 @@ C_S, C_T = 3, 4
 CASES = {'pretrain': (None, 3), 'main': (3, 3), 'main_pool': (3, 5)}  # student H, teacher H
 
 
-def load(repo_dir, relative, name):
-  """A RepDistiller file as a module of its own (its package names clash with other repos')."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(repo_dir, relative))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def make(repo_dir):
   import torch  # pylint: disable=g-import-not-at-top
   from make_vectors import f32, load_generated, nhwc  # pylint: disable=g-import-not-at-top
-  ft = load(repo_dir, 'distiller_zoo/FT.py', 'repdistiller_ft')
-  util = load(repo_dir, 'models/util.py', 'repdistiller_models_util')
+  ft = load(repo_dir, 'distiller_zoo/FT.py')
+  util = load(repo_dir, 'models/util.py')
   out = {}
   for n, (case, (s_h, t_h)) in enumerate(CASES.items()):
     seed = SEED + 10 * n

@@ -10,7 +10,8 @@ Arrays: `student/{k}`, `teacher/{k}` (channels-last maps), `loss` (the sum), `pe
 import numpy as np
 import torch
 
-from method_vectors.pkt import f32, load
+from make_vectors import f32
+from method_vectors import load
 
 REPO = 'repdistiller'
 BATCH = 3
@@ -21,6 +22,17 @@ TEACHER = [(4, 5), (6, 3), (3, 6)]
 def maps(rng, specs):
   return [np.maximum(rng.standard_normal((BATCH, h, h, c)), 0).astype(np.float32)
           for h, c in specs]
+
+
+def pair_arrays(loss, per_pair, student, teacher, g_s) -> dict:
+  """The arrays of a method over pairs of maps: loss, per_pair, the maps (channels-last) and
+  d loss / d each student map (channels-last)."""
+  out = {'loss': f32(loss), 'per_pair': f32(torch.stack(per_pair))}
+  for k in range(len(student)):
+    out[f'student/{k}'] = student[k]
+    out[f'teacher/{k}'] = teacher[k]
+    out[f'grad_student/{k}'] = f32(g_s[k].grad).transpose(0, 2, 3, 1)
+  return out
 
 
 def make(repo_dir: str) -> dict:
@@ -36,9 +48,4 @@ def make(repo_dir: str) -> dict:
   per_pair = nst(g_s, g_t)
   loss = sum(per_pair)
   loss.backward()
-  out = {'loss': f32(loss), 'per_pair': f32(torch.stack(per_pair))}
-  for k in range(len(student)):
-    out[f'student/{k}'] = student[k]
-    out[f'teacher/{k}'] = teacher[k]
-    out[f'grad_student/{k}'] = f32(g_s[k].grad).transpose(0, 2, 3, 1)
-  return out
+  return pair_arrays(loss, per_pair, student, teacher, g_s)

@@ -3,26 +3,13 @@
 Arrays: `student_embedding` (B x D_s), `teacher_embedding` (B x D_t), `loss`,
 `grad_student_embedding` (d loss / d student embedding).
 """
-import importlib.util
-import os
-
 import numpy as np
 import torch
 
+from make_vectors import f32
+from method_vectors import load
+
 REPO = 'repdistiller'
-
-
-def load(repo_dir: str, relpath: str):
-  """A module of the original code, by file path (another checkout may have the same names)."""
-  name = 'repdistiller_' + relpath.replace('/', '_').replace('.py', '')
-  spec = importlib.util.spec_from_file_location(name, os.path.join(repo_dir, relpath))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def f32(t: torch.Tensor) -> np.ndarray:
-  return t.detach().numpy().astype(np.float32)
 
 
 def make(repo_dir: str) -> dict:

@@ -8,7 +8,8 @@ Arrays: `student_embedding` (B x D_s), `teacher_embedding` (B x D_t), `loss` (25
 import numpy as np
 import torch
 
-from method_vectors.pkt import f32, load
+from make_vectors import f32
+from method_vectors import load
 
 REPO = 'repdistiller'
 

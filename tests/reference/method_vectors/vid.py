@@ -12,8 +12,9 @@ value plus 0.5 N (so that the variances differ per channel); `loss`, `per_pair`,
 import numpy as np
 import torch
 
-from method_vectors.nst import maps
-from method_vectors.pkt import f32, load
+from method_vectors.nst import maps, pair_arrays
+from make_vectors import f32
+from method_vectors import load
 
 REPO = 'repdistiller'
 STUDENT = [(8, 4), (4, 6), (3, 8)]  # (H = W, channels)
@@ -42,11 +43,7 @@ def make(repo_dir: str) -> dict:
   per_pair = [c(f_s, f_t) for f_s, f_t, c in zip(g_s, g_t, criterion)]
   loss = sum(per_pair)
   loss.backward()
-  out = {'loss': f32(loss), 'per_pair': f32(torch.stack(per_pair))}
-  for k in range(len(student)):
-    out[f'student/{k}'] = student[k]
-    out[f'teacher/{k}'] = teacher[k]
-    out[f'grad_student/{k}'] = f32(g_s[k].grad).transpose(0, 2, 3, 1)
+  out = pair_arrays(loss, per_pair, student, teacher, g_s)
   for name, p in criterion.named_parameters():
     out[f'sd/{name}'] = sd[name]
     out[f'grad_sd/{name}'] = f32(p.grad)
