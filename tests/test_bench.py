@@ -25,7 +25,7 @@ def bench(*args):
 
 
 def test_bench_all_methods_without_tensorflow_or_ml_collections():
-  result = bench('--teacher', 'resnet14', '--student', 'resnet8', '--batch', '8',
+  result = bench('--teacher', 'resnet8', '--student', 'resnet8', '--batch', '8', '--devices', '1',
                  '--image-size', '8', '--num-classes', '10', '--steps', '4', '--rounds', '2',
                  '--warmup', '1', '--json')
   report = json.loads(result.stdout.strip().splitlines()[-1])
