@@ -91,7 +91,7 @@ def is_distillation(config) -> bool:
 
 
 def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.float32,
-                     image_shape=None, num_train_examples: int = 0) -> Task:
+                     image_shape=None, num_train_examples: int = 0, train_labels=None) -> Task:
   """The Task a config describes (models, distiller, objective, optimizer and schedule).
 
   `config` needs attribute access only (an ml_collections ConfigDict, or namespaces in the
@@ -99,7 +99,8 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
   whose taps are found by tracing (`models.from_config`) and for a pre-training stage. The
   teacher computes in `config.teacher.dtype` where that is set ('float32' or 'bfloat16'), else
   in `dtype`. `num_train_examples`: the training split's size, for methods that keep
-  per-example state (0 where unknown)."""
+  per-example state (0 where unknown); `train_labels`: its labels by index, for methods that
+  declare `needs_train_labels` (None where unknown)."""
   distil = is_distillation(config)
   student = models.from_config(config.student, num_classes, dtype, image_shape)
   teacher_dtype = getattr(config.teacher, 'dtype', '')
@@ -109,7 +110,7 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
   distiller = distill.create(config.method, config, student.taps(),
                              teacher.taps() if teacher else (), num_classes=num_classes,
                              num_train_examples=num_train_examples,
-                             steps_per_epoch=steps_per_epoch)
+                             steps_per_epoch=steps_per_epoch, train_labels=train_labels)
   method = distill.registry.get(config.method) if distiller is not None else None
   pretrain = None
   if method is not None and method.pretrain is not None:

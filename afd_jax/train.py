@@ -175,12 +175,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   steps_per_epoch = data.steps_per_epoch(config, info, jax.process_count())
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(round(config.num_epochs * steps_per_epoch)))
-  try:
-    task = step.task_from_config(config, info.num_classes, steps_per_epoch, DTYPES[config.dtype],
-                                 info.image_shape, num_train_examples=info.num_train)
-    step.check_batch_norm_groups(task, info.image_shape)
-  except (ValueError, TypeError) as e:  # a factory's kwargs, taps that match nothing, a grid
-    raise UserError(str(e)) from None
+  task = make_task(config, info, steps_per_epoch)
   if config.debug_nan_at_step > 0:
     task = dataclasses.replace(task, nan_at_step=config.debug_nan_at_step)
   student, teacher = task.student, task.teacher
@@ -338,6 +333,23 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
                    f'params_sha256 {summary["params_sha256"][:16]}...')
   writer.close()
   return summary
+
+
+def make_task(config, info: data.DatasetInfo, steps_per_epoch: int) -> step.Task:
+  """The run's Task (`step.task_from_config`) for this dataset: the split's size, and its labels
+  for a method that declares `needs_train_labels`. Raises UserError."""
+  method = (distill.registry.get(config.method)
+            if step.is_distillation(config) and config.method != 'none' else None)
+  train_labels = (data.train_labels(config, info)
+                  if method is not None and method.needs_train_labels else None)
+  try:
+    task = step.task_from_config(config, info.num_classes, steps_per_epoch, DTYPES[config.dtype],
+                                 info.image_shape, num_train_examples=info.num_train,
+                                 train_labels=train_labels)
+    step.check_batch_norm_groups(task, info.image_shape)
+  except (ValueError, TypeError) as e:  # a factory's kwargs, taps that match nothing, a grid
+    raise UserError(str(e)) from None
+  return task
 
 
 def save_attention(workdir, step_count, mean_attention, student, teacher, config,

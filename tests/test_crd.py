@@ -141,6 +141,9 @@ def test_refusals():
   with pytest.raises(ValueError, match=r"method 'crd' keeps a memory bank row per training "
                                        r'example .* unknown \(0\)'):
     distill.create('crd', config, (), (), num_classes=10, num_train_examples=0)
+  with pytest.raises(ValueError, match=r"\(3,\) training labels for a split of 4 examples"):
+    distill.create('crd', config, (), (), num_classes=10, num_train_examples=4,
+                   train_labels=np.zeros(3))
   config.dataset.shuffle_buffer = 1000
   with pytest.raises(UserError) as e:
     train.validate(config)
@@ -197,7 +200,8 @@ def test_streamed_batches_have_no_index(digits_data_dir):
 def test_a_stopped_and_resumed_run_has_the_uninterrupted_banks(digits_data_dir, tmp_path):
   """The trainer's pieces on 8 devices (digits, 64 examples, 4 steps per epoch): one run of 6
   steps; another stopped after 3, checkpointed, restored from the checkpoint and continued from
-  a data stream restarted at step 3. Banks, Z, label table and the whole state are bit-equal."""
+  a data stream restarted at step 3. Banks, Z, label table and the whole state are bit-equal;
+  the label table is the split's labels from the start."""
   from afd_jax import data  # pylint: disable=g-import-not-at-top
   config = runs.tiny_config(digits_data_dir, batch_size=16, dataset__train_subset=64,
                             student__name='tests.byo_models:tiny_convnet', student__taps='auto')
@@ -205,8 +209,7 @@ def test_a_stopped_and_resumed_run_has_the_uninterrupted_banks(digits_data_dir, 
   config.crd = ml_collections.ConfigDict({'feat_dim': 16, 'nce_k': 24})
   train.validate(config)
   info = data.dataset_info(config)
-  task = step.task_from_config(config, info.num_classes, data.steps_per_epoch(config, info, 1),
-                               jnp.float32, info.image_shape, num_train_examples=info.num_train)
+  task = train.make_task(config, info, data.steps_per_epoch(config, info, 1))
   mesh = mesh_of(8)
   rep = sharding.replicated(mesh)
   teacher_vars = jax.device_put(checkpoint.load_teacher(config, task.teacher, info.num_classes,
@@ -221,7 +224,15 @@ def test_a_stopped_and_resumed_run_has_the_uninterrupted_banks(digits_data_dir, 
       state, _ = train_step(state, teacher_vars, sharding.global_batch(next(stream), mesh))
     return state
 
-  whole = run(init(jax.random.PRNGKey(0)), 0, 6)
+  # The trainer hands CRD the split's labels: its table holds every label from the first step,
+  # each the label the stream gives with that index.
+  labels = data.train_labels(config, info)
+  start = init(jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(jax.device_get(start.batch_stats['distiller']['labels']), labels)
+  stream = data.train_iterator(config, info, start_step=0, process_index=0, process_count=1)
+  for _, batch in zip(range(4), stream):
+    np.testing.assert_array_equal(labels[batch['index']], batch['label'])
+  whole = run(start, 0, 6)
   ckpts = checkpoint.Checkpoints(str(tmp_path), keep=1, keep_best=False, async_save=False)
   ckpts.save(3, run(init(jax.random.PRNGKey(0)), 0, 3), {'step': 3})
   ckpts.close()
@@ -236,5 +247,5 @@ def test_a_stopped_and_resumed_run_has_the_uninterrupted_banks(digits_data_dir, 
   for name in banks[0]:
     np.testing.assert_array_equal(banks[0][name], banks[1][name], err_msg=name)
   assert float(banks[0]['z_student']) > 0
-  assert (np.asarray(banks[0]['labels']) >= 0).sum() == 64  # 6 x 16 examples: all 64 seen
+  np.testing.assert_array_equal(banks[0]['labels'], labels)
   assert train.params_sha256(whole) == train.params_sha256(resumed)

@@ -40,6 +40,14 @@ def train_iterator(config, info: DatasetInfo, *, start_step: int, process_index:
                             process_count=process_count)
 
 
+def train_labels(config, info: DatasetInfo):
+  """Every training example's label at its `index` (int32 [num_train], numpy): the whole split's,
+  read by every process (a pass over the split's records, images left encoded), for methods
+  whose per-example state needs every label from the first step (CRD's negatives)."""
+  from afd_jax.data import api  # pylint: disable=g-import-not-at-top
+  return api.train_labels(config, info)
+
+
 def eval_iterator(config, info: DatasetInfo, *, process_index: int,
                   process_count: int) -> Iterator[dict]:
   """One pass over this process's eval share: {'image', 'label', 'mask'} batches of

@@ -73,6 +73,17 @@ def _shard_batches(config, info: DatasetInfo, shard: int, shards: int, start_ste
   return _user_errors(batches, source, d.train_split)
 
 
+def train_labels(config, info: DatasetInfo) -> np.ndarray:
+  d = config.dataset
+  source, _ = _open(config)
+  records = source.records(d.train_split, limit=d.train_subset).map(lambda ex: ex['label'])
+  labels = np.concatenate(list(records.batch(8192).as_numpy_iterator())).astype(np.int32)
+  if len(labels) != info.num_train:
+    raise UserError(f'{source.name} {d.train_split}: read {len(labels)} labels, expected '
+                    f'{info.num_train}.')
+  return labels
+
+
 def eval_iterator(config, info: DatasetInfo, *, process_index: int,
                   process_count: int) -> Iterator[dict]:
   source, augment = _open(config)

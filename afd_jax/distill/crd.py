@@ -39,12 +39,12 @@ tests/reference/method_crd.npz from tests/reference/method_vectors/crd.py):
   The distribution is the original's: for an example of class c, a uniform draw of nce_k
   examples of the other classes, without replacement where there are at least nce_k of them,
   else with replacement (`np.random.choice(cls_negative[c], k, replace=k > len(...))`).
-- The method learns the training labels from the batches (`labels` input, a table of N int32
-  in 'batch_stats', -1 = not yet seen), since it is not handed the whole split's labels. An
-  example not seen yet counts as a negative of every class, so in the first epoch a draw may
-  hold same-class examples not seen yet: at most that class's share of the split (about 1% for
-  CIFAR-100), falling to none as the epoch proceeds; once each example has been seen, the draw
-  is exactly the original's.
+- The label table (N int32 in 'batch_stats') starts as the split's labels, which the trainer
+  reads before training (`needs_train_labels`): the draw is then exactly the original's from
+  the first step. Where they are unknown (the benchmark's synthetic data), it starts at -1 (not
+  seen yet) and learns each example's label from the batches; an example not seen yet then
+  counts as a negative of every class, so in the first epoch a draw may hold same-class
+  examples not seen yet, falling to none as the epoch proceeds.
 - Our pipeline drops each epoch's last partial batch (the original's DataLoader keeps it), so
   those examples' bank rows move in the epochs in which they are drawn into full batches.
 - Only mode 'exact' with every negative (`percent` 1) is implemented: the benchmark's setting
@@ -56,6 +56,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from afd_jax.distill import registry
 from afd_jax.layers import at_least_f32, linear_bias_init, linear_kernel_init
@@ -115,6 +116,17 @@ def sample_negatives(rng: jax.Array, table: jax.Array, labels: jax.Array, k: int
   return jnp.where((n_valid < k)[:, None], drawn, order[:, :k])
 
 
+class SplitLabels:
+  """The training split's labels (int32 [N]) as a module attribute: hashed and compared by
+  identity, shown by their count."""
+
+  def __init__(self, values):
+    self.values = np.asarray(values, np.int32)
+
+  def __repr__(self):
+    return f'SplitLabels({len(self.values)} labels)'
+
+
 class CRD(nn.Module):
   """The CRD loss with its memory banks (module docstring).
 
@@ -127,12 +139,14 @@ class CRD(nn.Module):
   Attributes:
     num_examples: N, the training split's size (rows of each bank).
     feat_dim, nce_k, nce_t, nce_m: embedding size, negatives, temperature, bank momentum.
+    split_labels: the split's labels by index, the label table's start (else -1: unknown).
   """
   num_examples: int
   feat_dim: int = 128
   nce_k: int = 16384
   nce_t: float = 0.07
   nce_m: float = 0.5
+  split_labels: Optional[SplitLabels] = None
 
   @nn.compact
   def __call__(self, student_features: Sequence[jax.Array],
@@ -155,7 +169,9 @@ class CRD(nn.Module):
     memory_t = self.variable('batch_stats', 'memory_teacher', bank)  # memory_v2
     z_s = self.variable('batch_stats', 'z_student', lambda: -jnp.ones((), dtype))  # Z_v1
     z_t = self.variable('batch_stats', 'z_teacher', lambda: -jnp.ones((), dtype))  # Z_v2
-    table = self.variable('batch_stats', 'labels', lambda: -jnp.ones((n,), jnp.int32))
+    table = self.variable('batch_stats', 'labels', lambda: (
+        -jnp.ones((n,), jnp.int32) if self.split_labels is None
+        else jnp.asarray(self.split_labels.values)))
     update = train and not self.is_initializing()
     index = index.astype(jnp.int32)
 
@@ -197,9 +213,15 @@ def _build(config, setting: registry.Setting) -> CRD:
   if n <= 0:
     raise ValueError("method 'crd' keeps a memory bank row per training example and needs the "
                      'training split size (num_train_examples), which is unknown (0) here.')
+  labels = None
+  if setting.train_labels is not None:
+    labels = SplitLabels(setting.train_labels)
+    if labels.values.shape != (n,):
+      raise ValueError(f"method 'crd': {labels.values.shape} training labels for a split of {n} "
+                       'examples.')
   option = lambda key: registry.option(config, 'crd', key)
   return CRD(num_examples=n, feat_dim=int(option('feat_dim')), nce_k=int(option('nce_k')),
-             nce_t=float(option('nce_t')), nce_m=float(option('nce_m')))
+             nce_t=float(option('nce_t')), nce_m=float(option('nce_m')), split_labels=labels)
 
 
 # Weight 0.8 and the defaults: RepDistiller scripts/run_cifar_distill.sh:29 (`--distill crd
@@ -211,4 +233,5 @@ registry.register(registry.Method(
     source='CRD benchmark, scripts/run_cifar_distill.sh:29: --distill crd -a 0 -b 0.8 '
            '(CRD+KD, line 32: -a 1 -b 0.8); train_student.py:81-85',
     inputs=('student_embedding', 'teacher_embedding', 'index', 'labels', 'rng'),
+    needs_train_labels=True,
     options={'feat_dim': 128, 'nce_k': 16384, 'nce_t': 0.07, 'nce_m': 0.5}))

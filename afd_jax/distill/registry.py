@@ -39,6 +39,9 @@ class Setting:
   num_classes: int = 0
   num_train_examples: int = 0  # 0 where unknown (e.g. the benchmark's synthetic data)
   steps_per_epoch: int = 1
+  # Each training example's label at its `index` (int32 [num_train_examples]), for methods
+  # that declare `needs_train_labels`; None where unknown (the benchmark's synthetic data).
+  train_labels: Optional[Any] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +91,9 @@ class Method:
   # Its `aux` is a `B x T x S` attention over (teacher layer, student layer): recorded during
   # training and drawn by `python -m afd_jax.visualize` (AFD, SemCKD).
   attention: bool = False
+  # The builder gets `Setting.train_labels` (the trainer reads the split's labels once, before
+  # training): per-example state that must know every label from the first step (CRD).
+  needs_train_labels: bool = False
 
   def __post_init__(self):
     unknown = [i for i in self.inputs if i not in INPUTS]
