@@ -34,7 +34,12 @@ LABELS = {'teacher': f'teacher ({fashion_mnist.TEACHER})',
           'reviewkd': 'ReviewKD'}
 REPORT = os.path.join(REPO, 'docs', 'results', 'fashion_mnist.md')
 RECORD = os.path.join(REPO, 'docs', 'results', 'fashion_mnist_runs.json')
-HEATMAP = os.path.join(REPO, 'docs', 'results', 'fashion_mnist_afd_attention.png')
+# The methods that learn their layer links, whose maps the report draws side by side.
+LINK_MAPS = ('afd', 'semckd')
+
+
+def heatmap(method):
+  return os.path.join(REPO, 'docs', 'results', f'fashion_mnist_{method}_attention.png')
 
 
 def workdir(root, method, seed):
@@ -127,10 +132,12 @@ def report(root, seeds, record):
     std = statistics.stdev(top1) if len(top1) > 1 else 0.0
     rows.append(f'| {label(method)} | {statistics.mean(top1):.2f} ± {std:.2f} | '
                 f'{", ".join(f"{t:.2f}" for t in top1)} | {wall / 60:.0f} |')
-  afd_dir = workdir(root, 'afd', seeds[0])
   os.makedirs(os.path.dirname(REPORT), exist_ok=True)
-  if os.path.exists(os.path.join(afd_dir, 'attention.png')):
-    shutil.copyfile(os.path.join(afd_dir, 'attention.png'), HEATMAP)
+  for method in LINK_MAPS:  # a map from this machine's run, else the one reported earlier
+    plot = os.path.join(workdir(root, method, seeds[0]), 'attention.png')
+    if os.path.exists(plot):
+      shutil.copyfile(plot, heatmap(method))
+  maps = [m for m in LINK_MAPS if os.path.exists(heatmap(m))]
   c = fashion_mnist.get_config(f'method=afd,seed={seeds[0]}')
   lines = [
       '# Fashion-MNIST: the student alone vs KD, AFD and the other distillation methods',
@@ -164,10 +171,14 @@ def report(root, seeds, record):
       '',
       'One run: ' + '`' + ' '.join(['python'] + command('workdirs/fashion_mnist', 'afd', 0)[1:]) + '`',
       '',
-      f'Attention links of the AFD run, seed {seeds[0]} (mean over the last epoch\'s training '
-      'batches; rows: teacher layers, columns: student layers):',
+      f'Learned layer links, seed {seeds[0]} (each method\'s attention, mean over the last '
+      'epoch\'s training batches; rows: teacher layers, columns: student layers; '
+      '`python -m afd_jax.visualize --workdir=...` redraws one):',
       '',
-      '![AFD attention](fashion_mnist_afd_attention.png)',
+      '| ' + ' | '.join(label(m) for m in maps) + ' |',
+      '|' + '---|' * len(maps),
+      '| ' + ' | '.join(f'![{label(m)} links]({os.path.basename(heatmap(m))})'
+                        for m in maps) + ' |',
       '',
       discussion(),
   ]
