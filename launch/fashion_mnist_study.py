@@ -105,7 +105,8 @@ def run(root, method, seed, record):
   if key not in record:  # a retrained teacher keeps its first record
     done = summary(root, method, seed)
     record[key] = {'top1': done['eval']['top1'], 'wall_time_sec': done['wall_time_sec'],
-                   'total_time_sec': done['total_time_sec'], 'commit': commit()}
+                   'total_time_sec': done['total_time_sec'], 'commit': commit(),
+                   'params_sha256': done['params_sha256']}
     save_record(record)
 
 
@@ -114,6 +115,28 @@ def discussion():
     return '## Discussion\n\n(to be written from the results)\n'
   text = open(REPORT).read()
   return text[text.index('## Discussion'):] if '## Discussion' in text else ''
+
+
+def teacher_note(again):
+  if not again:
+    return []
+  return [
+      'The teachers were trained again (same command and seed; their first workdirs were gone), '
+      'and the methods run since distil these: top-1 '
+      + ', '.join(f'{now:.2f} (seed {s}; first run {then:.2f})' for s, now, then in again)
+      + '. The runs recorded before (their `commit` in fashion_mnist_runs.json is the first '
+      'study\'s) distilled the first teachers.', '']
+
+
+def retrained_teachers(root, seeds, record):
+  """Teachers whose workdir holds another run than the recorded one (trained again after their
+  first workdir was lost): [(seed, its top-1, the recorded top-1)]."""
+  again = []
+  for seed in seeds:
+    done, first = summary(root, 'teacher', seed), record.get(f'teacher-s{seed}')
+    if done and first and done['params_sha256'] != first.get('params_sha256'):
+      again.append((seed, done['eval']['top1'], first['top1']))
+  return again
 
 
 def report(root, seeds, record):
@@ -160,6 +183,7 @@ def report(root, seeds, record):
       '|---|---|---|---|',
       *rows,
       '',
+      *teacher_note(retrained_teachers(root, seeds, record)),
       f'Total wall time of the runs: {total / 3600:.2f} h on a 2-core CPU (compilation, evaluation '
       'and checkpoints included).',
       '',
