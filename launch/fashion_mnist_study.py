@@ -9,9 +9,12 @@ Every run is `python -m afd_jax.main --config=configs/fashion_mnist.py:method=M,
 `--methods` picks which of configs/fashion_mnist.py's METHODS run (a comparison of a few methods
 on the same pair and schedule: e.g. `--methods none,kd,afd,semckd,reviewkd,dkd`).
 Each finished run's result is recorded in docs/results/fashion_mnist_runs.json (top-1, times,
-the commit) and is not run again; an interrupted run resumes from its checkpoint, so rerunning
+the commit, its parameters' hash and its teacher's) and is not run again while its teacher is
+the one in the teacher's workdir; an interrupted run resumes from its checkpoint, so rerunning
 this script after a stop continues the study. A teacher whose workdir is gone is trained again
-(same seed, same command) when a student of its seed still has to run. Logs: ROOT/M-sS/log.txt.
+(same seed, same command) when a student of its seed still has to run, and the students that
+distilled the old one run again (the report marks with † the rows not yet redone).
+Logs: ROOT/M-sS/log.txt.
 The report is built from the record, so it keeps every method finished so far, and its
 '## Discussion' section across reruns.
 """
@@ -86,28 +89,58 @@ def command(root, method, seed):
   return cmd
 
 
+def teacher_sha256(root, seed):
+  done = summary(root, 'teacher', seed)
+  return done['params_sha256'] if done else None
+
+
+def is_current(entry, root, method, seed):
+  """Whether a recorded run is one of this study's: a teacher is the run in its workdir, a
+  student distilled that teacher, and the student alone ran with the code of the rest (the
+  first study's runs, recorded without hashes, are run again)."""
+  if not entry:
+    return False
+  if method == 'teacher':
+    return entry.get('params_sha256') == teacher_sha256(root, seed) is not None
+  if method == 'none':
+    return 'params_sha256' in entry
+  return entry.get('teacher_sha256') == teacher_sha256(root, seed) is not None
+
+
 def run(root, method, seed, record):
-  key = f'{method}-s{seed}'
-  if key in record and (method != 'teacher' or summary(root, method, seed)):
+  key, folder = f'{method}-s{seed}', workdir(root, method, seed)
+  entry = record.get(key)
+  if is_current(entry, root, method, seed):
     print(f'{key}: finished earlier', flush=True)
     return
+  if entry and method != 'teacher' and summary(root, method, seed):
+    # Its teacher has changed since: keep the old run beside, run it again.
+    n = 1
+    while os.path.exists(f'{folder}.stale{n}'):
+      n += 1
+    os.rename(folder, f'{folder}.stale{n}')
+    print(f'{key}: its teacher changed; the old run is now {folder}.stale{n}', flush=True)
   if not summary(root, method, seed):
-    os.makedirs(workdir(root, method, seed), exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     start = time.time()
     print(f'{key}: running ({" ".join(command(root, method, seed)[1:])})', flush=True)
-    with open(os.path.join(workdir(root, method, seed), 'log.txt'), 'a') as log:
+    with open(os.path.join(folder, 'log.txt'), 'a') as log:
       code = subprocess.call(command(root, method, seed), stdout=log, stderr=subprocess.STDOUT,
                              cwd=REPO)
     if code != 0:
       sys.exit(f'{key} failed with exit code {code}; see its log.txt')
     print(f'{key}: top1 {summary(root, method, seed)["eval"]["top1"]:.2f} '
           f'({time.time() - start:.0f} s)', flush=True)
-  if key not in record:  # a retrained teacher keeps its first record
-    done = summary(root, method, seed)
-    record[key] = {'top1': done['eval']['top1'], 'wall_time_sec': done['wall_time_sec'],
-                   'total_time_sec': done['total_time_sec'], 'commit': commit(),
-                   'params_sha256': done['params_sha256']}
-    save_record(record)
+  done = summary(root, method, seed)
+  new = {'top1': done['eval']['top1'], 'wall_time_sec': done['wall_time_sec'],
+         'total_time_sec': done['total_time_sec'], 'commit': commit(),
+         'params_sha256': done['params_sha256']}
+  if method not in ('teacher', 'none'):
+    new['teacher_sha256'] = teacher_sha256(root, seed)
+  if entry:  # the run this one replaces, for the report's note
+    new['replaces'] = {'top1': entry['top1'], 'commit': entry['commit']}
+  record[key] = new
+  save_record(record)
 
 
 def discussion():
@@ -117,26 +150,18 @@ def discussion():
   return text[text.index('## Discussion'):] if '## Discussion' in text else ''
 
 
-def teacher_note(again):
+def teacher_note(root, seeds, record):
+  again = [(seed, record[f'teacher-s{seed}']) for seed in seeds
+           if 'replaces' in record.get(f'teacher-s{seed}', {})]
   if not again:
     return []
   return [
-      'The teachers were trained again (same command and seed; their first workdirs were gone), '
-      'and the methods run since distil these: top-1 '
-      + ', '.join(f'{now:.2f} (seed {s}; first run {then:.2f})' for s, now, then in again)
-      + '. The runs recorded before (their `commit` in fashion_mnist_runs.json is the first '
-      'study\'s) distilled the first teachers.', '']
-
-
-def retrained_teachers(root, seeds, record):
-  """Teachers whose workdir holds another run than the recorded one (trained again after their
-  first workdir was lost): [(seed, its top-1, the recorded top-1)]."""
-  again = []
-  for seed in seeds:
-    done, first = summary(root, 'teacher', seed), record.get(f'teacher-s{seed}')
-    if done and first and done['params_sha256'] != first.get('params_sha256'):
-      again.append((seed, done['eval']['top1'], first['top1']))
-  return again
+      'The teachers were trained again (same command and seed, current code; their first '
+      'workdirs were gone): top-1 '
+      + ', '.join(f'{e["top1"]:.2f} (seed {s}; first study {e["replaces"]["top1"]:.2f})'
+                  for s, e in again)
+      + '; every row without † distils these (or runs without a teacher) with the current code.',
+      '']
 
 
 def report(root, seeds, record):
@@ -150,10 +175,11 @@ def report(root, seeds, record):
                   f'{sum(map(bool, results))} of {len(seeds)} seeds) | | |')
       continue
     top1 = [r['top1'] for r in results]
+    mark = '' if all(is_current(r, root, method, s) for r, s in zip(results, seeds)) else ' †'
     wall = sum(r['wall_time_sec'] for r in results)
     total += sum(r['total_time_sec'] for r in results)
     std = statistics.stdev(top1) if len(top1) > 1 else 0.0
-    rows.append(f'| {label(method)} | {statistics.mean(top1):.2f} ± {std:.2f} | '
+    rows.append(f'| {label(method)}{mark} | {statistics.mean(top1):.2f} ± {std:.2f} | '
                 f'{", ".join(f"{t:.2f}" for t in top1)} | {wall / 60:.0f} |')
   os.makedirs(os.path.dirname(REPORT), exist_ok=True)
   for method in LINK_MAPS:  # a map from this machine's run, else the one reported earlier
@@ -183,7 +209,10 @@ def report(root, seeds, record):
       '|---|---|---|---|',
       *rows,
       '',
-      *teacher_note(retrained_teachers(root, seeds, record)),
+      *(['† Still the first study\'s runs (2026-11-28: earlier code and the first teachers); the '
+         'runner runs them again, with the current teachers, as it reaches them.', '']
+        if any('†' in r for r in rows) else []),
+      *teacher_note(root, seeds, record),
       f'Total wall time of the runs: {total / 3600:.2f} h on a 2-core CPU (compilation, evaluation '
       'and checkpoints included).',
       '',
@@ -229,8 +258,8 @@ def main():
   if not args.report_only:  # the teachers first, then method by method (every seed of one)
     students = [m for m in chosen if m != 'teacher']
     for seed in seeds:
-      if (any(f'{m}-s{seed}' not in record for m in students)
-          or f'teacher-s{seed}' not in record):
+      if any(not is_current(record.get(f'{m}-s{seed}'), args.root, m, seed)
+             for m in students + ['teacher']):
         run(args.root, 'teacher', seed, record)
     for method in students:
       for seed in seeds:
