@@ -41,16 +41,39 @@ RECORD = os.path.join(REPO, 'docs', 'results', 'fashion_mnist_runs.json')
 LINK_MAPS = ('afd', 'semckd')
 
 
+def study_entries():
+  """The methods in order, each followed by its variants (configs/fashion_mnist.py VARIANTS:
+  'method@key=value', a run beside the protocol)."""
+  out = []
+  for method in fashion_mnist.METHODS:
+    out += [method] + [v for v in fashion_mnist.VARIANTS if v.partition('@')[0] == method]
+  return out
+
+
+ENTRIES = study_entries()
+
+
+def base(entry):
+  return entry.partition('@')[0]
+
+
+def name(entry):
+  """'semckd@lr=0.05' -> 'semckd_lr0.05': the workdir's and the record's name."""
+  return entry.replace('@', '_').replace('=', '')
+
+
 def heatmap(method):
   return os.path.join(REPO, 'docs', 'results', f'fashion_mnist_{method}_attention.png')
 
 
-def workdir(root, method, seed):
-  return os.path.join(root, f'{method}-s{seed}')
+def workdir(root, entry, seed):
+  return os.path.join(root, f'{name(entry)}-s{seed}')
 
 
-def label(method):
-  return LABELS.get(method, method.upper())
+def label(entry):
+  method, _, extra = entry.partition('@')
+  text = LABELS.get(method, method.upper())
+  return f'{text} ({extra.replace("=", " ")})' if extra else text
 
 
 def summary(root, method, seed):
@@ -80,10 +103,12 @@ def commit():
   return out.stdout.strip() or 'unknown'
 
 
-def command(root, method, seed):
+def command(root, entry, seed):
+  method, _, extra = entry.partition('@')
   cmd = [sys.executable, '-m', 'afd_jax.main',
-         f'--config=configs/fashion_mnist.py:method={method},seed={seed}',
-         f'--workdir={workdir(root, method, seed)}']
+         f'--config=configs/fashion_mnist.py:method={method},seed={seed}'
+         + (f',{extra}' if extra else ''),
+         f'--workdir={workdir(root, entry, seed)}']
   if method not in ('teacher', 'none'):
     cmd.append(f'--config.teacher.checkpoint={workdir(root, "teacher", seed)}')
   return cmd
@@ -94,12 +119,13 @@ def teacher_sha256(root, seed):
   return done['params_sha256'] if done else None
 
 
-def is_current(entry, root, method, seed):
+def is_current(entry, root, study_entry, seed):
   """Whether a recorded run is one of this study's: a teacher is the run in its workdir, a
   student distilled that teacher, and the student alone ran with the code of the rest (the
   first study's runs, recorded without hashes, are run again)."""
   if not entry:
     return False
+  method = base(study_entry)
   if method == 'teacher':
     return entry.get('params_sha256') == teacher_sha256(root, seed) is not None
   if method == 'none':
@@ -107,8 +133,14 @@ def is_current(entry, root, method, seed):
   return entry.get('teacher_sha256') == teacher_sha256(root, seed) is not None
 
 
+def last_error(folder):
+  with open(os.path.join(folder, 'log.txt')) as f:
+    errors = [line.strip() for line in f if line.startswith('error: ')]
+  return errors[-1][len('error: '):] if errors else ''
+
+
 def run(root, method, seed, record):
-  key, folder = f'{method}-s{seed}', workdir(root, method, seed)
+  key, folder = f'{name(method)}-s{seed}', workdir(root, method, seed)
   entry = record.get(key)
   if is_current(entry, root, method, seed):
     print(f'{key}: finished earlier', flush=True)
@@ -127,18 +159,26 @@ def run(root, method, seed, record):
     with open(os.path.join(folder, 'log.txt'), 'a') as log:
       code = subprocess.call(command(root, method, seed), stdout=log, stderr=subprocess.STDOUT,
                              cwd=REPO)
-    if code != 0:
+    error = last_error(folder) if code == 2 else ''
+    if code != 0 and not error:  # stopped (preemption, a kill): rerun the study to resume
       sys.exit(f'{key} failed with exit code {code}; see its log.txt')
+    if code != 0:  # the run's own verdict (e.g. a non-finite loss): a result, recorded
+      print(f'{key}: {error}', flush=True)
+      record[key] = {'failed': error, 'commit': commit()}
+      if base(method) not in ('teacher', 'none'):
+        record[key]['teacher_sha256'] = teacher_sha256(root, seed)
+      save_record(record)
+      return
     print(f'{key}: top1 {summary(root, method, seed)["eval"]["top1"]:.2f} '
           f'({time.time() - start:.0f} s)', flush=True)
   done = summary(root, method, seed)
   new = {'top1': done['eval']['top1'], 'wall_time_sec': done['wall_time_sec'],
          'total_time_sec': done['total_time_sec'], 'commit': commit(),
          'params_sha256': done['params_sha256']}
-  if method not in ('teacher', 'none'):
+  if base(method) not in ('teacher', 'none'):
     new['teacher_sha256'] = teacher_sha256(root, seed)
   if entry:  # the run this one replaces, for the report's note
-    new['replaces'] = {'top1': entry['top1'], 'commit': entry['commit']}
+    new['replaces'] = {'top1': entry.get('top1'), 'commit': entry['commit']}
   record[key] = new
   save_record(record)
 
@@ -166,21 +206,27 @@ def teacher_note(root, seeds, record):
 
 def report(root, seeds, record):
   rows, total = [], 0.0
-  for method in fashion_mnist.METHODS:
-    results = [record.get(f'{method}-s{s}') for s in seeds]
+  for method in ENTRIES:
+    results = [record.get(f'{name(method)}-s{s}') for s in seeds]
     if not any(results):
       continue
     if not all(results):
       rows.append(f'| {label(method)} | (not finished: '
                   f'{sum(map(bool, results))} of {len(seeds)} seeds) | | |')
       continue
-    top1 = [r['top1'] for r in results]
     mark = '' if all(is_current(r, root, method, s) for r, s in zip(results, seeds)) else ' †'
-    wall = sum(r['wall_time_sec'] for r in results)
-    total += sum(r['total_time_sec'] for r in results)
+    top1 = [r['top1'] for r in results if 'failed' not in r]
+    failed = [r['failed'] for r in results if 'failed' in r]
+    wall = sum(r.get('wall_time_sec', 0) for r in results)
+    total += sum(r.get('total_time_sec', 0) for r in results)
+    per_seed = ', '.join('failed' if 'failed' in r else f'{r["top1"]:.2f}' for r in results)
+    if not top1:
+      rows.append(f'| {label(method)}{mark} | failed in every seed: {failed[0]} | {per_seed} | |')
+      continue
     std = statistics.stdev(top1) if len(top1) > 1 else 0.0
-    rows.append(f'| {label(method)}{mark} | {statistics.mean(top1):.2f} ± {std:.2f} | '
-                f'{", ".join(f"{t:.2f}" for t in top1)} | {wall / 60:.0f} |')
+    mean = f'{statistics.mean(top1):.2f} ± {std:.2f}' + (
+        f' ({len(top1)} of {len(results)} seeds; the others: {failed[0]})' if failed else '')
+    rows.append(f'| {label(method)}{mark} | {mean} | {per_seed} | {wall / 60:.0f} |')
   os.makedirs(os.path.dirname(REPORT), exist_ok=True)
   for method in LINK_MAPS:  # a map from this machine's run, else the one reported earlier
     plot = os.path.join(workdir(root, method, seeds[0]), 'attention.png')
@@ -245,20 +291,20 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--root', default=os.path.join(REPO, 'workdirs', 'fashion_mnist'))
   parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--methods', default=','.join(fashion_mnist.METHODS[1:]),
+  parser.add_argument('--methods', default=','.join(ENTRIES[1:]),
                       help='comma-separated students to run (the teachers run as needed)')
   parser.add_argument('--report-only', action='store_true')
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(',')]
   chosen = [m for m in args.methods.split(',') if m]
-  unknown = [m for m in chosen if m not in fashion_mnist.METHODS]
+  unknown = [m for m in chosen if m not in ENTRIES]
   if unknown:
-    parser.error(f'unknown method(s) {unknown}; choose from {", ".join(fashion_mnist.METHODS)}')
+    parser.error(f'unknown method(s) {unknown}; choose from {", ".join(ENTRIES)}')
   record = load_record()
   if not args.report_only:  # the teachers first, then method by method (every seed of one)
     students = [m for m in chosen if m != 'teacher']
     for seed in seeds:
-      if any(not is_current(record.get(f'{m}-s{seed}'), args.root, m, seed)
+      if any(not is_current(record.get(f'{name(m)}-s{seed}'), args.root, m, seed)
              for m in students + ['teacher']):
         run(args.root, 'teacher', seed, record)
     for method in students:
