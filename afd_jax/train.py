@@ -338,11 +338,11 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
 def make_task(config, info: data.DatasetInfo, steps_per_epoch: int) -> step.Task:
   """The run's Task (`step.task_from_config`) for this dataset: the split's size, and its labels
   for a method that declares `needs_train_labels`. Raises UserError."""
-  method = (distill.registry.get(config.method)
-            if step.is_distillation(config) and config.method != 'none' else None)
-  train_labels = (data.train_labels(config, info)
-                  if method is not None and method.needs_train_labels else None)
   try:
+    method = (distill.registry.get(config.method)
+              if step.is_distillation(config) and config.method != 'none' else None)
+    train_labels = (data.train_labels(config, info, jax.process_count())
+                    if method is not None and method.needs_train_labels else None)
     task = step.task_from_config(config, info.num_classes, steps_per_epoch, DTYPES[config.dtype],
                                  info.image_shape, num_train_examples=info.num_train,
                                  train_labels=train_labels)

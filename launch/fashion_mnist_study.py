@@ -119,18 +119,21 @@ def teacher_sha256(root, seed):
   return done['params_sha256'] if done else None
 
 
-def is_current(entry, root, study_entry, seed):
-  """Whether a recorded run is one of this study's: a teacher is the run in its workdir, a
-  student distilled that teacher, and the student alone ran with the code of the rest (the
-  first study's runs, recorded without hashes, are run again)."""
+def is_current(entry, record, study_entry, seed, root=None):
+  """Whether a recorded run is one of this study's: a student distilled the recorded teacher of
+  its seed, and the student alone ran with the code of the rest (the first study's runs,
+  recorded without hashes, are run again). With `root`, a teacher must also be the run in its
+  workdir (a teacher trained again replaces its record)."""
   if not entry:
     return False
   method = base(study_entry)
   if method == 'teacher':
-    return entry.get('params_sha256') == teacher_sha256(root, seed) is not None
+    return 'params_sha256' in entry and (
+        root is None or entry['params_sha256'] == teacher_sha256(root, seed))
   if method == 'none':
-    return 'params_sha256' in entry
-  return entry.get('teacher_sha256') == teacher_sha256(root, seed) is not None
+    return 'params_sha256' in entry or 'failed' in entry
+  teacher = record.get(f'teacher-s{seed}', {}).get('params_sha256')
+  return teacher is not None and entry.get('teacher_sha256') == teacher
 
 
 def last_error(folder):
@@ -142,11 +145,12 @@ def last_error(folder):
 def run(root, method, seed, record):
   key, folder = f'{name(method)}-s{seed}', workdir(root, method, seed)
   entry = record.get(key)
-  if is_current(entry, root, method, seed):
+  if is_current(entry, record, method, seed, root):
     print(f'{key}: finished earlier', flush=True)
     return
-  if entry and method != 'teacher' and summary(root, method, seed):
-    # Its teacher has changed since: keep the old run beside, run it again.
+  if entry and base(method) != 'teacher' and os.path.exists(folder):
+    # Its teacher has changed since (or its code, for the student alone): keep the old run
+    # beside, with its checkpoints, and run it again from the start.
     n = 1
     while os.path.exists(f'{folder}.stale{n}'):
       n += 1
@@ -160,9 +164,9 @@ def run(root, method, seed, record):
       code = subprocess.call(command(root, method, seed), stdout=log, stderr=subprocess.STDOUT,
                              cwd=REPO)
     error = last_error(folder) if code == 2 else ''
-    if code != 0 and not error:  # stopped (preemption, a kill): rerun the study to resume
+    if code != 0 and not error.startswith('non-finite '):  # stopped, refused: rerun to resume
       sys.exit(f'{key} failed with exit code {code}; see its log.txt')
-    if code != 0:  # the run's own verdict (e.g. a non-finite loss): a result, recorded
+    if code != 0:  # the run diverged (the trainer's divergence guard): a result, recorded
       print(f'{key}: {error}', flush=True)
       record[key] = {'failed': error, 'commit': commit()}
       if base(method) not in ('teacher', 'none'):
@@ -199,7 +203,7 @@ def teacher_note(root, seeds, record):
       'The teachers were trained again (same command and seed, current code; their first '
       'workdirs were gone): top-1 '
       + ', '.join(f'{e["top1"]:.2f} (seed {s}; first study {e["replaces"]["top1"]:.2f})'
-                  for s, e in again)
+                  for s, e in again if e['replaces'].get('top1') is not None)
       + '; every row without † distils these (or runs without a teacher) with the current code.',
       '']
 
@@ -214,7 +218,7 @@ def report(root, seeds, record):
       rows.append(f'| {label(method)} | (not finished: '
                   f'{sum(map(bool, results))} of {len(seeds)} seeds) | | |')
       continue
-    mark = '' if all(is_current(r, root, method, s) for r, s in zip(results, seeds)) else ' †'
+    mark = '' if all(is_current(r, record, method, s) for r, s in zip(results, seeds)) else ' †'
     top1 = [r['top1'] for r in results if 'failed' not in r]
     failed = [r['failed'] for r in results if 'failed' in r]
     wall = sum(r.get('wall_time_sec', 0) for r in results)
@@ -228,11 +232,16 @@ def report(root, seeds, record):
         f' ({len(top1)} of {len(results)} seeds; the others: {failed[0]})' if failed else '')
     rows.append(f'| {label(method)}{mark} | {mean} | {per_seed} | {wall / 60:.0f} |')
   os.makedirs(os.path.dirname(REPORT), exist_ok=True)
-  for method in LINK_MAPS:  # a map from this machine's run, else the one reported earlier
-    plot = os.path.join(workdir(root, method, seeds[0]), 'attention.png')
-    if os.path.exists(plot):
-      shutil.copyfile(plot, heatmap(method))
-  maps = [m for m in LINK_MAPS if os.path.exists(heatmap(m))]
+  maps = []
+  for method in LINK_MAPS:  # the method's map, or its first variant's (a diverged run has none)
+    for entry in [e for e in ENTRIES if base(e) == method]:
+      plot = os.path.join(workdir(root, entry, seeds[0]), 'attention.png')
+      if summary(root, entry, seeds[0]) and os.path.exists(plot):  # a finished run's, else
+        # the one reported earlier
+        shutil.copyfile(plot, heatmap(name(entry)))
+      if os.path.exists(heatmap(name(entry))):
+        maps.append(entry)
+        break
   c = fashion_mnist.get_config(f'method=afd,seed={seeds[0]}')
   lines = [
       '# Fashion-MNIST: the student alone vs KD, AFD and the other distillation methods',
@@ -276,7 +285,7 @@ def report(root, seeds, record):
       '',
       '| ' + ' | '.join(label(m) for m in maps) + ' |',
       '|' + '---|' * len(maps),
-      '| ' + ' | '.join(f'![{label(m)} links]({os.path.basename(heatmap(m))})'
+      '| ' + ' | '.join(f'![{label(m)} links]({os.path.basename(heatmap(name(m)))})'
                         for m in maps) + ' |',
       '',
       discussion(),
@@ -304,7 +313,7 @@ def main():
   if not args.report_only:  # the teachers first, then method by method (every seed of one)
     students = [m for m in chosen if m != 'teacher']
     for seed in seeds:
-      if any(not is_current(record.get(f'{name(m)}-s{seed}'), args.root, m, seed)
+      if any(not is_current(record.get(f'{name(m)}-s{seed}'), record, m, seed, args.root)
              for m in students + ['teacher']):
         run(args.root, 'teacher', seed, record)
     for method in students:

@@ -198,13 +198,14 @@ def test_streamed_batches_have_no_index(digits_data_dir):
 
 
 def test_a_stopped_and_resumed_run_has_the_uninterrupted_banks(digits_data_dir, tmp_path):
-  """The trainer's pieces on 8 devices (digits, 64 examples, 4 steps per epoch): one run of 6
-  steps; another stopped after 3, checkpointed, restored from the checkpoint and continued from
-  a data stream restarted at step 3. Banks, Z, label table and the whole state are bit-equal;
-  the label table is the split's labels from the start."""
+  """The trainer's pieces on 8 devices (digits, 64 examples in two shards, 4 steps per epoch):
+  one run of 6 steps; another stopped after 3, checkpointed, restored from the checkpoint and
+  continued from a data stream restarted at step 3. Banks, Z, label table and the whole state
+  are bit-equal; the label table is the split's labels from the start."""
   from afd_jax import data  # pylint: disable=g-import-not-at-top
   config = runs.tiny_config(digits_data_dir, batch_size=16, dataset__train_subset=64,
-                            student__name='tests.byo_models:tiny_convnet', student__taps='auto')
+                            dataset__num_shards=2, student__name='tests.byo_models:tiny_convnet',
+                            student__taps='auto')
   methods.set_method(config, 'crd')
   config.crd = ml_collections.ConfigDict({'feat_dim': 16, 'nce_k': 24})
   train.validate(config)

@@ -40,12 +40,12 @@ def train_iterator(config, info: DatasetInfo, *, start_step: int, process_index:
                             process_count=process_count)
 
 
-def train_labels(config, info: DatasetInfo):
-  """Every training example's label at its `index` (int32 [num_train], numpy): the whole split's,
-  read by every process (a pass over the split's records, images left encoded), for methods
-  whose per-example state needs every label from the first step (CRD's negatives)."""
+def train_labels(config, info: DatasetInfo, process_count: int = 1):
+  """Every training example's label at its `index` (int32 [num_train], numpy), read share by
+  share as `train_iterator` reads them (images left encoded); every process reads them all. For
+  methods whose per-example state needs every label from the first step (CRD's negatives)."""
   from afd_jax.data import api  # pylint: disable=g-import-not-at-top
-  return api.train_labels(config, info)
+  return api.train_labels(config, info, process_count)
 
 
 def eval_iterator(config, info: DatasetInfo, *, process_index: int,

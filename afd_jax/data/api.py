@@ -73,15 +73,21 @@ def _shard_batches(config, info: DatasetInfo, shard: int, shards: int, start_ste
   return _user_errors(batches, source, d.train_split)
 
 
-def train_labels(config, info: DatasetInfo) -> np.ndarray:
+def train_labels(config, info: DatasetInfo, process_count: int = 1) -> np.ndarray:
   d = config.dataset
   source, _ = _open(config)
-  records = source.records(d.train_split, limit=d.train_subset).map(lambda ex: ex['label'])
-  labels = np.concatenate(list(records.batch(8192).as_numpy_iterator())).astype(np.int32)
-  if len(labels) != info.num_train:
-    raise UserError(f'{source.name} {d.train_split}: read {len(labels)} labels, expected '
-                    f'{info.num_train}.')
-  return labels
+  shards = num_shards(config, process_count)
+  parts = []
+  for shard in range(shards):  # share by share, read as the training stream reads each share
+    records = source.records(d.train_split, limit=d.train_subset, index=shard, count=shards)
+    start, end = sources.share_bounds(info.num_train, shard, shards)
+    labels = np.concatenate(list(records.map(lambda ex: ex['label']).batch(8192)
+                                 .as_numpy_iterator())).astype(np.int32)
+    if len(labels) != end - start:
+      raise UserError(f'{source.name} {d.train_split}: share {shard} of {shards} has '
+                      f'{len(labels)} labels, expected {end - start}.')
+    parts.append(labels)
+  return np.concatenate(parts)
 
 
 def eval_iterator(config, info: DatasetInfo, *, process_index: int,
