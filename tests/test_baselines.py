@@ -365,7 +365,7 @@ BENCH_ARGS = ('--teacher', 'resnet14', '--student', 'resnet8', '--batch', '8', '
 def test_benchmark_accepts_every_method(capsys):
   """The benchmark times methods beyond its default trio (test_bench: ce, kd, afd, at); every
   registered method builds through `bench.bench_config` and trains in test_methods."""
-  assert bench.main(['--method', 'fitnet,sp', *BENCH_ARGS, '--devices', '1', '--steps', '2',
+  assert bench.main(['--method', 'fitnet,sp', *BENCH_ARGS, '--steps', '2',
                      '--warmup', '1', '--rounds', '1', '--json']) == 0
   report = json.loads(capsys.readouterr().out)
   assert [r['method'] for r in report['results']] == ['fitnet', 'sp']
