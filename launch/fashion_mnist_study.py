@@ -166,19 +166,15 @@ def run(root, method, seed, record):
     error = last_error(folder) if code == 2 else ''
     if code != 0 and not error.startswith('non-finite '):  # stopped, refused: rerun to resume
       sys.exit(f'{key} failed with exit code {code}; see its log.txt')
-    if code != 0:  # the run diverged (the trainer's divergence guard): a result, recorded
-      print(f'{key}: {error}', flush=True)
-      record[key] = {'failed': error, 'commit': commit()}
-      if base(method) not in ('teacher', 'none'):
-        record[key]['teacher_sha256'] = teacher_sha256(root, seed)
-      save_record(record)
-      return
-    print(f'{key}: top1 {summary(root, method, seed)["eval"]["top1"]:.2f} '
-          f'({time.time() - start:.0f} s)', flush=True)
+    print(f'{key}: ' + (error or f'top1 {summary(root, method, seed)["eval"]["top1"]:.2f}')
+          + f' ({time.time() - start:.0f} s)', flush=True)
   done = summary(root, method, seed)
-  new = {'top1': done['eval']['top1'], 'wall_time_sec': done['wall_time_sec'],
-         'total_time_sec': done['total_time_sec'], 'commit': commit(),
-         'params_sha256': done['params_sha256']}
+  if done is None:  # the run diverged (the trainer's divergence guard): a result, recorded
+    new = {'failed': last_error(folder), 'commit': commit()}
+  else:
+    new = {'top1': done['eval']['top1'], 'wall_time_sec': done['wall_time_sec'],
+           'total_time_sec': done['total_time_sec'], 'commit': commit(),
+           'params_sha256': done['params_sha256']}
   if base(method) not in ('teacher', 'none'):
     new['teacher_sha256'] = teacher_sha256(root, seed)
   if entry:  # the run this one replaces, for the report's note
