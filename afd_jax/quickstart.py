@@ -20,10 +20,14 @@ from absl import app, flags, logging
 from afd_jax import train
 from afd_jax.errors import UserError
 
-_WORKDIR = flags.DEFINE_string('workdir', 'workdirs/quickstart', 'Root folder of the runs.')
-_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds to run; more than one adds mean +- std.')
-_REPORT = flags.DEFINE_string('report', '', 'Also write the table as Markdown to this file.')
-_STUDENT = flags.DEFINE_string('student', 'resnet8', 'The student model (e.g. vit_mini4).')
+
+def define_flags():
+  """The CLI's flags (defined only when run as a program, so the module imports as a library)."""
+  flags.DEFINE_string('workdir', 'workdirs/quickstart', 'Root folder of the runs.')
+  flags.DEFINE_list('seeds', ['0'], 'Seeds to run; more than one adds mean +- std.')
+  flags.DEFINE_string('report', '', 'Also write the table as Markdown to this file.')
+  flags.DEFINE_string('student', 'resnet8', 'The student model (e.g. vit_mini4).')
+
 
 class Preempted(Exception):
   """A run stopped early on SIGTERM (its checkpoint is saved)."""
@@ -92,23 +96,23 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  root, seeds = _WORKDIR.value, _SEEDS.value
+  root, seeds, student = flags.FLAGS.workdir, flags.FLAGS.seeds, flags.FLAGS.student
   try:
-    results = run_all(root, seeds, _STUDENT.value)
+    results = run_all(root, seeds, student)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except Preempted as e:
     print(f'preempted: {e}', file=sys.stderr)
     sys.exit(train.PREEMPTED_EXIT_CODE)
-  text = table(results, _STUDENT.value)
+  text = table(results, student)
   print('\n' + text)
   if len(seeds) > 1:
     print(f'(mean ± std over seeds {",".join(seeds)}; top-1 on the 10,000 test images)')
-  if _REPORT.value:
-    with open(_REPORT.value, 'w') as f:
+  if flags.FLAGS.report:
+    with open(flags.FLAGS.report, 'w') as f:
       f.write(text + '\n')
-    print(f'table written to {_REPORT.value}')
+    print(f'table written to {flags.FLAGS.report}')
   afd = run_dir(root, 'afd', seeds[0], len(seeds) > 1)
   print(f'\nWorkdirs: {root} (checkpoints/, TensorBoard events, summary.json, config.json)')
   print(f'Attention-link plot: {os.path.join(afd, "attention.png")} '
@@ -117,4 +121,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

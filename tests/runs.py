@@ -1,5 +1,8 @@
-"""Helpers for tests that run the trainer: tiny configs and the CLI in a subprocess."""
+"""Helpers for tests that run the trainer: tiny configs, and the CLI in a subprocess or in this
+process."""
+import contextlib
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -71,6 +74,35 @@ def cli(args: List[str], workdir: Optional[str] = None, timeout: int = 300,
     raise AssertionError(f'{cmd} failed ({result.returncode}):\n{result.stdout[-3000:]}\n'
                          f'{result.stderr[-3000:]}')
   return result
+
+
+def _reset_cli_flags(values) -> None:
+  """Every flag back to unparsed, and config_flags' per-run `--config.*` override flags gone."""
+  for name in [n for n in values if n.startswith('config.')]:
+    delattr(values, name)
+  values.unparse_flags()
+
+
+def cli_in_process(args: List[str], workdir: Optional[str] = None) -> subprocess.CompletedProcess:
+  """`python -m afd_jax.main ARGS --workdir=WORKDIR` in this process: absl's app.run with this
+  argv and the CLI's own flag parser, every flag reset first; its exit code and what it printed.
+  For refusals, which a subprocess proves nothing more about (an uncaught exception, which would
+  be a traceback there, propagates here); it runs on the session's devices."""
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from afd_jax import main  # pylint: disable=g-import-not-at-top
+  argv = ['afd_jax.main', *args] + ([f'--workdir={workdir}'] if workdir else [])
+  _reset_cli_flags(flags.FLAGS)
+  out, err, code, saved_argv = io.StringIO(), io.StringIO(), 0, sys.argv
+  sys.argv = argv  # config_flags reads its --config.* overrides from sys.argv, as in the CLI
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      app.run(main.main, argv=argv, flags_parser=main.parse_flags)
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+      sys.argv = saved_argv
+      _reset_cli_flags(flags.FLAGS)
+  return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def summary(workdir) -> dict:

@@ -26,10 +26,14 @@ class RunsCode:
 
 
 def cli_refuses(args, workdir, message, prefix=()):
-  """Runs the CLI; asserts exit 2, exactly one `error:` line containing `message`, no traceback."""
-  cmd = [*prefix, sys.executable, '-m', 'afd_jax.main', *args, f'--workdir={workdir}']
-  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=runs.env(1),
-                          cwd=runs.REPO)
+  """Runs the CLI (in this process, or in a subprocess under `prefix`); asserts exit 2, exactly
+  one `error:` line containing `message`, no traceback."""
+  if prefix:
+    cmd = [*prefix, sys.executable, '-m', 'afd_jax.main', *args, f'--workdir={workdir}']
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=runs.env(1),
+                            cwd=runs.REPO)
+  else:
+    result = runs.cli_in_process(args, str(workdir))
   errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
   assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
   assert 'Traceback' not in result.stdout + result.stderr

@@ -102,7 +102,7 @@ def test_two_processes_equal_one_process(digits_data_dir, tmp_path):
 ])
 def test_bad_input_is_one_clear_line(digits_data_dir, tmp_path, extra, message):
   args = runs.flag_args(digits_data_dir, num_train_steps=1)
-  result = runs.cli(args + extra, workdir=str(tmp_path / 'w'))
+  result = runs.cli_in_process(args + extra, workdir=str(tmp_path / 'w'))
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr + result.stdout
   assert message in result.stderr
