@@ -218,7 +218,8 @@ def report(root, seeds, record):
     mark = '' if all(current) else ' †'
     per_seed = ', '.join(('failed' if 'failed' in r else f'{r["top1"]:.2f}') + ('' if c else '†')
                          for r, c in zip(results, current))
-    if any(current) and not all(current):  # partly redone: the redone seeds only
+    partly_redone = any(current) and not all(current)
+    if partly_redone:  # the redone seeds only
       results = [r for r, c in zip(results, current) if c]
     top1 = [r['top1'] for r in results if 'failed' not in r]
     failed = [r['failed'] for r in results if 'failed' in r]
@@ -228,11 +229,12 @@ def report(root, seeds, record):
       rows.append(f'| {label(method)}{mark} | failed in every seed: {failed[0]} | {per_seed} | |')
       continue
     std = statistics.stdev(top1) if len(top1) > 1 else 0.0
-    mean = f'{statistics.mean(top1):.2f} ± {std:.2f}' + (
-        f' ({len(top1)} of {len(seeds)} seeds; the others: {failed[0]})' if failed else '')
-    if any(current) and not all(current):
-      mean = (f'{statistics.mean(top1):.2f} ± {std:.2f} (the {len(top1)} seeds redone)'
-              if len(top1) > 1 else f'{top1[0]:.2f} (the one seed redone)')
+    mean = f'{statistics.mean(top1):.2f} ± {std:.2f}'
+    if partly_redone:
+      mean = f'{mean} (the {len(top1)} seeds redone)' if len(top1) > 1 else (
+          f'{top1[0]:.2f} (the one seed redone)')
+    elif failed:
+      mean += f' ({len(top1)} of {len(seeds)} seeds; the others: {failed[0]})'
     rows.append(f'| {label(method)}{mark} | {mean} | {per_seed} | {wall / 60:.0f} |')
   os.makedirs(os.path.dirname(REPORT), exist_ok=True)
   maps = []
