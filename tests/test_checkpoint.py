@@ -1,13 +1,17 @@
-"""Checkpointing and fault tolerance: round trip, exact resume after SIGKILL/SIGTERM and a killed
-async save, the divergence guard, teachers from checkpoints, and bad input losing nothing."""
+"""Checkpointing and fault tolerance: round trip; one run per workdir, then exact resume after
+SIGKILL of its holder; SIGTERM and a save killed mid-write; the divergence guard; teachers from
+checkpoints; bad input losing nothing."""
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from afd_jax import checkpoint, models, step, train
+from afd_jax import checkpoint, models, step, train, workdir_lock
 from afd_jax.errors import UserError
 from afd_jax.interop import torch as torch_interop
 from tests import runs
@@ -35,22 +39,6 @@ BYO_STUDENT = {'student__name': 'tests.byo_models:tiny_convnet', 'student__taps'
 def run_args(data_dir, **overrides):
   return runs.flag_args(data_dir, num_train_steps=STEPS,
                         dataset__train_subset=32 * STEPS_PER_EPOCH, **{**BYO_STUDENT, **overrides})
-
-
-def run_until_step(args, workdir, stop_at, sig):
-  """Starts the CLI and sends `sig` once it reports step `stop_at`."""
-  cmd = [sys.executable, '-m', 'afd_jax.main', *args, f'--workdir={workdir}']
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=runs.env(DEVICES), cwd=runs.REPO)
-  output = []
-  for line in proc.stdout:
-    output.append(line)
-    match = re.match(r'step (\d+)/', line)
-    if match and int(match.group(1)) >= stop_at:
-      proc.send_signal(sig)
-      break
-  output += proc.stdout.readlines()
-  return proc.wait(timeout=300), ''.join(output)
 
 
 @pytest.mark.parametrize('relative', [False, True], ids=['absolute', 'relative_workdir'])
@@ -99,31 +87,22 @@ def test_a_model_from_a_test_file_trains_as_the_student_with_auto_taps(reference
   assert (workdir / 'attention.png').stat().st_size > 1000
 
 
-# Where each signal lands: SIGKILL in epoch 0 between two periodic checkpoints (steps 5 and 10),
-# SIGTERM in epoch 1; either way the resumed run crosses epoch ends before finishing in epoch 2.
-STOP_AT = {signal.SIGKILL: 7, signal.SIGTERM: 13}
+def start_cli(args, workdir):
+  """The CLI in the background, stdout and stderr in one pipe."""
+  return subprocess.Popen([sys.executable, '-m', 'afd_jax.main', *args, f'--workdir={workdir}'],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=runs.env(DEVICES), cwd=runs.REPO)
 
 
-@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM], ids=['sigkill', 'sigterm'])
-def test_interrupted_and_resumed_run_ends_identical(digits_data_dir, reference, tmp_path, sig):
-  """The whole state (step, parameters, batch statistics, optimizer state, RNG) of the resumed
-  run equals the uninterrupted run's, bit for bit."""
-  workdir = tmp_path / 'run'
-  code, output = run_until_step(run_args(digits_data_dir), workdir, STOP_AT[sig], sig)
-  if sig == signal.SIGTERM:
-    assert code == 143, output[-2000:]  # saved, then stopped; rerun to resume
-    assert 'preemption notice' in output
-  else:
-    assert code == -signal.SIGKILL  # possibly in the middle of an asynchronous save
-  assert not (workdir / 'summary.json').exists()
-  saved = checkpoint.has_checkpoints(str(workdir))
-  assert saved or sig == signal.SIGKILL
+def resume_and_compare(digits_data_dir, workdir, reference, saved):
+  """Reruns the command on `workdir`: it resumes from its checkpoint (if `saved`) in an earlier
+  epoch than the one it ends in, and ends in the uninterrupted run's state, bit for bit (step,
+  parameters, batch statistics, optimizer state, RNG). Returns the rerun's stdout."""
   resumed = runs.cli(run_args(digits_data_dir), workdir=str(workdir), check=True,
                      devices=DEVICES)
   match = re.search(r'resumed from .* at step (\d+)', resumed.stdout)
-  assert bool(match) == saved
+  assert bool(match) == saved, resumed.stdout[-2000:]
   start = int(match.group(1)) if match else 0
-  # The interruption fell in an earlier epoch than the one the run ends in.
   assert start // STEPS_PER_EPOCH < (STEPS - 1) // STEPS_PER_EPOCH, start
   assert re.findall(r'eval at step (\d+)', resumed.stdout) == [
       str(s) for s in range(STEPS_PER_EPOCH, STEPS + 1, STEPS_PER_EPOCH) if s > start]
@@ -132,22 +111,86 @@ def test_interrupted_and_resumed_run_ends_identical(digits_data_dir, reference, 
   assert summary['state_sha256'] == reference[1]['state_sha256']
   assert summary['params_sha256'] == reference[1]['params_sha256']
   assert summary['eval'] == reference[1]['eval']
+  return resumed.stdout
 
 
-def test_a_save_killed_mid_write_is_ignored(digits_data_dir, reference, tmp_path):
-  """What a kill during an asynchronous save leaves (an unfinished tmp folder) is skipped."""
+def committed_steps(workdir):
+  folder = workdir / 'checkpoints'
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def test_second_run_refuses_then_sigkill_of_the_holder_and_the_rerun_ends_identical(
+    digits_data_dir, reference, tmp_path):
+  """Two runs started together on one workdir: one holds it, the other exits at once with one
+  line naming the holder. The holder is SIGKILLed in epoch 0, after a checkpoint, possibly in the
+  middle of an asynchronous save; a rerun takes the dead holder's lock over, resumes and ends
+  exactly where the uninterrupted run ended."""
   workdir = tmp_path / 'run'
-  shutil.copytree(reference[0] / 'checkpoints', workdir / 'checkpoints')
-  final = workdir / 'checkpoints' / str(STEPS)
-  partial = workdir / 'checkpoints' / f'{STEPS}.orbax-checkpoint-tmp-1700000000'
-  final.rename(partial)
+  procs = [start_cli(run_args(digits_data_dir), workdir) for _ in range(2)]
+  outputs, stopped = [[], []], []
+
+  def read(i):  # The holder is frozen (SIGSTOP) at its first step >= 7 after a checkpoint, so
+    for line in procs[i].stdout:  # it cannot run on however slowly the other one starts.
+      outputs[i].append(line)
+      match = re.match(r'step (\d+)/', line)
+      if match and int(match.group(1)) >= 7 and committed_steps(workdir) and not stopped:
+        procs[i].send_signal(signal.SIGSTOP)
+        stopped.append(i)
+
+  readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in (0, 1)]
+  for reader in readers:
+    reader.start()
+  deadline = time.time() + 240
+  while not (stopped and any(p.poll() is not None for p in procs)) and time.time() < deadline:
+    time.sleep(0.2)
+  assert stopped, [''.join(o)[-2000:] for o in outputs]
+  holder, loser = procs[stopped[0]], procs[1 - stopped[0]]
+  assert loser.wait(timeout=60) == 2 and holder.poll() is None
+  readers[1 - stopped[0]].join(timeout=60)
+  loser_output = ''.join(outputs[1 - stopped[0]])
+  assert 'Traceback' not in loser_output and 'step ' not in loser_output
+  errors = [line for line in loser_output.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1, loser_output
+  assert f'{workdir} is in use by another run (pid {holder.pid} on {socket.gethostname()}' \
+      in errors[0]
+
+  holder.send_signal(signal.SIGKILL)
+  assert holder.wait(timeout=60) == -signal.SIGKILL
+  assert not (workdir / 'summary.json').exists() and committed_steps(workdir)
+  output = resume_and_compare(digits_data_dir, workdir, reference, saved=True)
+  assert (f'took over the lock of a run that is gone in {workdir} (pid {holder.pid} on '
+          f'{socket.gethostname()})') in output
+  assert (workdir / workdir_lock.LOCK).read_text() == ''  # released: no holder named
+
+
+def test_sigterm_saves_and_the_rerun_skips_a_save_killed_mid_write(digits_data_dir, reference,
+                                                                 tmp_path):
+  """SIGTERM in epoch 1: the run saves its step and exits with 143. What a kill during a later
+  asynchronous save would leave (an unfinished tmp folder of a newer step) is then planted: the
+  rerun skips it, resumes from the preemption save and ends identical to the uninterrupted run;
+  the unfinished folder is left in place (nothing of the user's is deleted)."""
+  workdir = tmp_path / 'run'
+  proc = start_cli(run_args(digits_data_dir), workdir)
+  output = []
+  for line in proc.stdout:
+    output.append(line)
+    match = re.match(r'step (\d+)/', line)
+    if match and int(match.group(1)) >= 13:
+      proc.send_signal(signal.SIGTERM)
+      break
+  output = ''.join(output + proc.stdout.readlines())
+  assert proc.wait(timeout=300) == 143, output[-2000:]  # saved, then stopped
+  assert 'preemption notice' in output and not (workdir / 'summary.json').exists()
+  latest = committed_steps(workdir)[-1]
+  assert STEPS_PER_EPOCH < latest < 2 * STEPS_PER_EPOCH, latest  # in epoch 1
+  partial = workdir / 'checkpoints' / f'{latest + 1}.orbax-checkpoint-tmp-1700000000'
+  shutil.copytree(workdir / 'checkpoints' / str(latest), partial)
   for f in list((partial / 'state').rglob('*'))[::2]:
     if f.is_file():
       f.unlink()
-  result = runs.cli(run_args(digits_data_dir), workdir=str(workdir), check=True, devices=DEVICES)
-  assert 'resumed from' in result.stdout and f'at step {PREVIOUS}' in result.stdout
-  assert runs.summary(workdir)['params_sha256'] == reference[1]['params_sha256']
-  assert partial.exists()  # nothing of the user's is deleted
+  output = resume_and_compare(digits_data_dir, workdir, reference, saved=True)
+  assert f'at step {latest}' in output
+  assert partial.exists()
 
 
 def test_non_finite_loss_stops_before_any_checkpoint_of_it(digits_data_dir, tmp_path):
