@@ -7,9 +7,10 @@ Prints compile time, median step time, images/s, XLA's FLOPs per step and achiev
 the collectives of the compiled step (count and payload bytes of all-reduce, all-gather,
 reduce-scatter, ... from its optimised HLO; `afd_jax.collectives`), and peak device memory
 where the backend reports it. `--devices N` runs on N fake CPU devices (to see the
-communication of an N-device step on one machine); by default, all devices of the backend. `--method all` times ce, kd and afd in
-one process, interleaving them in rounds so that machine noise hits all alike, and prints the
-ratios afd/kd and kd/ce. Needs only jax, flax, optax and numpy (no TensorFlow).
+communication of an N-device step on one machine); by default, all devices of the backend.
+`--method all` (the default) times ce, kd and afd in one process, interleaving them in rounds so
+that machine noise hits all alike, and prints the ratios afd/kd and kd/ce; `--method kd,crd,...`
+times any registered methods the same way. Needs only jax, flax, optax and numpy (no TensorFlow).
 """
 import argparse
 import json

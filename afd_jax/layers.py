@@ -31,7 +31,8 @@ def linear_bias_init(fan_in: int):
 
 
 class TorchConv(nn.Module):
-  """`torch.nn.Conv2d` (bias, PyTorch's default init: `linear_kernel_init`, `linear_bias_init`) on channels-last maps; `kernel` is HWIO."""
+  """`torch.nn.Conv2d` (bias, PyTorch's default init: `linear_kernel_init`, `linear_bias_init`)
+  on channels-last maps; `kernel` is HWIO."""
   features: int
   kernel: Tuple[int, int]
   stride: int = 1
