@@ -212,8 +212,10 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   if restored is None and config.resume_from:
     restored = checkpoint.Checkpoints(config.resume_from, create=False).restore_latest(abstract)
     source = f'{config.resume_from} (resume_from)'
+  earlier_train_time = 0.0  # the training time of the runs that led to the restored state
   if restored is not None:
-    state = restored[0]
+    state, restored_meta = restored
+    earlier_train_time = float(restored_meta.get('train_time_sec', 0.0))
     writer.console(f'resumed from {source} at step {int(state.step)}')
   else:
     state = init_fn(rng)
@@ -246,8 +248,9 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   else:
     teacher_eval = None
 
+  train_time = lambda: earlier_train_time + time.time() - progress.start_time
   meta = lambda s, extra=None: {'fingerprint': expected, 'step': s, 'config_name': config.name,
-                                **(extra or {})}
+                                'train_time_sec': train_time(), **(extra or {})}
   train_iter = data.train_iterator(config, info, start_step=start_step,
                                    process_index=jax.process_index(),
                                    process_count=jax.process_count())
@@ -323,6 +326,8 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
              'total_steps': total_steps, 'eval': eval_metrics, 'teacher_eval': teacher_eval,
              'train': train_metrics,
              'wall_time_sec': wall, 'total_time_sec': time.time() - start_time,
+             # Over every run that led here: each earlier run up to its last checkpoint.
+             'train_time_sec': earlier_train_time + wall,
              'params_sha256': params_sha256(state.params),
              # The whole state: step, params, batch_stats, opt_state and rng (exact resume).
              'state_sha256': params_sha256(state)}

@@ -173,6 +173,8 @@ def run(root, method, seed, record):
     new = {'failed': last_error(folder), 'commit': commit()}
   else:
     new = {'top1': done['eval']['top1'], 'wall_time_sec': done['wall_time_sec'],
+           # every process of a resumed run (summaries written before it existed: none)
+           **({'train_time_sec': done['train_time_sec']} if 'train_time_sec' in done else {}),
            'total_time_sec': done['total_time_sec'], 'commit': commit(),
            'params_sha256': done['params_sha256']}
   if base(method) not in ('teacher', 'none'):
@@ -223,7 +225,7 @@ def report(root, seeds, record):
       results = [r for r, c in zip(results, current) if c]
     top1 = [r['top1'] for r in results if 'failed' not in r]
     failed = [r['failed'] for r in results if 'failed' in r]
-    wall = sum(r.get('wall_time_sec', 0) for r in results)
+    wall = sum(r.get('train_time_sec', r.get('wall_time_sec', 0)) for r in results)
     total += sum(r.get('total_time_sec', 0) for r in results)
     if not top1:
       rows.append(f'| {label(method)}{mark} | failed in every seed: {failed[0]} | {per_seed} | |')

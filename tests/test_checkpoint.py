@@ -111,6 +111,8 @@ def resume_and_compare(digits_data_dir, workdir, reference, saved):
   assert summary['state_sha256'] == reference[1]['state_sha256']
   assert summary['params_sha256'] == reference[1]['params_sha256']
   assert summary['eval'] == reference[1]['eval']
+  # The training time counts the interrupted run's too (up to its last checkpoint).
+  assert summary['train_time_sec'] > summary['wall_time_sec'] > 0
   return resumed.stdout
 
 

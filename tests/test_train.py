@@ -29,6 +29,7 @@ def test_train_and_evaluate_writes_summary_logs_and_checkpoints(afd_run):
   assert summary['teacher_eval']['count'] == 360
   assert len(summary['params_sha256']) == len(summary['state_sha256']) == 64
   assert summary['state_sha256'] != summary['params_sha256']  # more than the parameters
+  assert summary['train_time_sec'] == summary['wall_time_sec'] > 0  # one uninterrupted run
   assert set(summary['train']) >= {'loss', 'ce', 'kd', 'afd', 'top1', 'learning_rate'}
   assert runs.summary(tmp_path) == summary
   assert checkpoint.Checkpoints(str(tmp_path), create=False).steps() == [5, 6]
@@ -57,6 +58,7 @@ def test_resume_from_continues_another_workdirs_latest_checkpoint(afd_run, digit
   straight = train.train_and_evaluate(runs.tiny_config(digits_data_dir, num_train_steps=9),
                                       str(tmp_path / 'straight'))
   assert resumed['state_sha256'] == straight['state_sha256']
+  assert resumed['train_time_sec'] > resumed['wall_time_sec']  # afd_run's time included
   again = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert f'resumed from {tmp_path / "resumed"} (own checkpoint) at step 9' in capsys.readouterr().out
   assert again['state_sha256'] == resumed['state_sha256']
