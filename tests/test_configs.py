@@ -37,6 +37,10 @@ def configs():
   fashion = importlib.import_module('configs.fashion_mnist')
   for method in fashion.METHODS:
     yield f'fashion_mnist.py:method={method}', fashion.get_config(f'method={method},seed=1')
+  for variant in fashion.VARIANTS:  # 'method@key=value', the study's runs beside its protocol
+    method, _, extra = variant.partition('@')
+    yield f'fashion_mnist.py:method={method},{extra}', fashion.get_config(
+        f'method={method},seed=1,{extra}')
 
 
 ALL = list(configs())
