@@ -129,35 +129,40 @@ def test_second_run_refuses_then_sigkill_of_the_holder_and_the_rerun_ends_identi
   exactly where the uninterrupted run ended."""
   workdir = tmp_path / 'run'
   procs = [start_cli(run_args(digits_data_dir), workdir) for _ in range(2)]
-  outputs, stopped = [[], []], []
+  try:
+    outputs, stopped = [[], []], []
 
-  def read(i):  # The holder is frozen (SIGSTOP) at its first step >= 7 after a checkpoint, so
-    for line in procs[i].stdout:  # it cannot run on however slowly the other one starts.
-      outputs[i].append(line)
-      match = re.match(r'step (\d+)/', line)
-      if match and int(match.group(1)) >= 7 and committed_steps(workdir) and not stopped:
-        procs[i].send_signal(signal.SIGSTOP)
-        stopped.append(i)
+    def read(i):  # The holder is frozen (SIGSTOP) at its first step >= 7 after a checkpoint, so
+      for line in procs[i].stdout:  # it cannot run on however slowly the other one starts.
+        outputs[i].append(line)
+        match = re.match(r'step (\d+)/', line)
+        if match and int(match.group(1)) >= 7 and committed_steps(workdir) and not stopped:
+          procs[i].send_signal(signal.SIGSTOP)
+          stopped.append(i)
 
-  readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in (0, 1)]
-  for reader in readers:
-    reader.start()
-  deadline = time.time() + 240
-  while not (stopped and any(p.poll() is not None for p in procs)) and time.time() < deadline:
-    time.sleep(0.2)
-  assert stopped, [''.join(o)[-2000:] for o in outputs]
-  holder, loser = procs[stopped[0]], procs[1 - stopped[0]]
-  assert loser.wait(timeout=60) == 2 and holder.poll() is None
-  readers[1 - stopped[0]].join(timeout=60)
-  loser_output = ''.join(outputs[1 - stopped[0]])
-  assert 'Traceback' not in loser_output and 'step ' not in loser_output
-  errors = [line for line in loser_output.splitlines() if line.startswith('error:')]
-  assert len(errors) == 1, loser_output
-  assert f'{workdir} is in use by another run (pid {holder.pid} on {socket.gethostname()}' \
-      in errors[0]
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in (0, 1)]
+    for reader in readers:
+      reader.start()
+    deadline = time.time() + 240
+    while not (stopped and any(p.poll() is not None for p in procs)) and time.time() < deadline:
+      time.sleep(0.2)
+    assert stopped, [''.join(o)[-2000:] for o in outputs]
+    holder, loser = procs[stopped[0]], procs[1 - stopped[0]]
+    assert loser.wait(timeout=60) == 2 and holder.poll() is None
+    readers[1 - stopped[0]].join(timeout=60)
+    loser_output = ''.join(outputs[1 - stopped[0]])
+    assert 'Traceback' not in loser_output and 'step ' not in loser_output
+    errors = [line for line in loser_output.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, loser_output
+    assert f'{workdir} is in use by another run (pid {holder.pid} on {socket.gethostname()}' \
+        in errors[0]
 
-  holder.send_signal(signal.SIGKILL)
-  assert holder.wait(timeout=60) == -signal.SIGKILL
+    holder.send_signal(signal.SIGKILL)
+    assert holder.wait(timeout=60) == -signal.SIGKILL
+  finally:  # a failed assertion leaves no process behind (the holder may be stopped)
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   assert not (workdir / 'summary.json').exists() and committed_steps(workdir)
   output = resume_and_compare(digits_data_dir, workdir, reference, saved=True)
   assert (f'took over the lock of a run that is gone in {workdir} (pid {holder.pid} on '
