@@ -116,11 +116,6 @@ def resume_and_compare(digits_data_dir, workdir, reference, saved):
   return resumed.stdout
 
 
-def committed_steps(workdir):
-  folder = workdir / 'checkpoints'
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
-
-
 def test_second_run_refuses_then_sigkill_of_the_holder_and_the_rerun_ends_identical(
     digits_data_dir, reference, tmp_path):
   """Two runs started together on one workdir: one holds it, the other exits at once with one
@@ -136,7 +131,8 @@ def test_second_run_refuses_then_sigkill_of_the_holder_and_the_rerun_ends_identi
       for line in procs[i].stdout:  # it cannot run on however slowly the other one starts.
         outputs[i].append(line)
         match = re.match(r'step (\d+)/', line)
-        if match and int(match.group(1)) >= 7 and committed_steps(workdir) and not stopped:
+        if (match and int(match.group(1)) >= 7 and not stopped
+            and checkpoint.has_checkpoints(str(workdir))):
           procs[i].send_signal(signal.SIGSTOP)
           stopped.append(i)
 
@@ -163,7 +159,7 @@ def test_second_run_refuses_then_sigkill_of_the_holder_and_the_rerun_ends_identi
     for p in procs:
       if p.poll() is None:
         p.kill()
-  assert not (workdir / 'summary.json').exists() and committed_steps(workdir)
+  assert not (workdir / 'summary.json').exists() and checkpoint.has_checkpoints(str(workdir))
   output = resume_and_compare(digits_data_dir, workdir, reference, saved=True)
   assert (f'took over the lock of a run that is gone in {workdir} (pid {holder.pid} on '
           f'{socket.gethostname()})') in output
@@ -188,7 +184,7 @@ def test_sigterm_saves_and_the_rerun_skips_a_save_killed_mid_write(digits_data_d
   output = ''.join(output + proc.stdout.readlines())
   assert proc.wait(timeout=300) == 143, output[-2000:]  # saved, then stopped
   assert 'preemption notice' in output and not (workdir / 'summary.json').exists()
-  latest = committed_steps(workdir)[-1]
+  latest = checkpoint.Checkpoints(str(workdir), create=False).steps()[-1]
   assert STEPS_PER_EPOCH < latest < 2 * STEPS_PER_EPOCH, latest  # in epoch 1
   partial = workdir / 'checkpoints' / f'{latest + 1}.orbax-checkpoint-tmp-1700000000'
   shutil.copytree(workdir / 'checkpoints' / str(latest), partial)

@@ -4,7 +4,8 @@ Every distiller is a linen module called as `(student_features, teacher_features
 **inputs)` that returns `(loss, aux)`; `inputs` are what the method declares beyond features
 (logits, labels, embeddings, example indices, ...: `registry.INPUTS`). Each method's file
 registers it (`registry.register`: name, builder, default loss weights, the taps it uses);
-`create(method, ...)` builds one by name for the engine. Every module of this package is imported, so a new method is one new file.
+`create(method, ...)` builds one by name for the engine. Every module of this package is
+imported, so a new method is one new file.
 Parameter-free distillers (AT, SP) are modules whose variables are empty.
 """
 import importlib
