@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from afd_jax import collectives, distill, models, sharding, step
+from afd_jax import cli, collectives, distill, models, sharding, step
 
 METHODS = ('ce', 'kd') + distill.METHODS[1:]  # ce: the student alone; then the registry's
 DTYPES = step.DTYPES
@@ -290,4 +290,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  cli.exit_without_final_gc()
   sys.exit(main())

@@ -8,9 +8,9 @@ The file holds only the model's variables (no optimizer state); `config.teacher.
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from afd_jax import checkpoint
+from afd_jax import checkpoint, cli
 from afd_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run folder with checkpoints/.')
@@ -38,4 +38,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

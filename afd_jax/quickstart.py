@@ -15,9 +15,9 @@ import statistics
 import sys
 from typing import Dict, List
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from afd_jax import train
+from afd_jax import cli, train
 from afd_jax.errors import UserError
 
 
@@ -122,4 +122,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

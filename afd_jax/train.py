@@ -321,6 +321,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
     train_iter = None  # Close the input pipeline now, not at interpreter exit.
     watch.close()
     ckpts.close()
+    writer.close()  # the event file complete, however the run ends
   wall = time.time() - progress.start_time
   summary = {'config_name': config.name, 'status': status, 'final_step': int(state.step),
              'total_steps': total_steps, 'eval': eval_metrics, 'teacher_eval': teacher_eval,
@@ -336,7 +337,6 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
     writer.console(f'done: step {summary["final_step"]}, eval top1 '
                    f'{(eval_metrics or {}).get("top1", float("nan")):.2f}, '
                    f'params_sha256 {summary["params_sha256"][:16]}...')
-  writer.close()
   return summary
 
 

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from afd_jax import checkpoint, data, distill, sharding, step, train, viz
+from afd_jax import checkpoint, cli, data, distill, sharding, step, train, viz
 from afd_jax.errors import UserError
 
 
@@ -154,4 +154,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)
