@@ -101,13 +101,17 @@ def test_two_processes_equal_one_process(digits_data_dir, tmp_path):
     (['--config.teacher.checkpoint=/nonexistent/teacher'], '/nonexistent/teacher does not exist'),
     (['--config.method=crdd'], "Unknown method 'crdd'"),
     (['--no_such_flag=1'], 'no_such_flag'),
+    # A method that cannot work with the pair: ReviewKD links stage to stage.
+    (['--config.method=reviewkd', '--config.teacher.name=resnet18'],
+     'the student has 3 stages and the teacher 4'),
 ])
 def test_bad_input_is_one_clear_line(digits_data_dir, tmp_path, extra, message):
   args = runs.flag_args(digits_data_dir, num_train_steps=1)
   result = runs.cli_in_process(args + extra, workdir=str(tmp_path / 'w'))
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr + result.stdout
-  assert message in result.stderr
+  assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+  assert 'devices x' not in result.stdout  # refused before the run's first line
   assert not (tmp_path / 'w' / 'checkpoints').exists()
 
 
