@@ -2,9 +2,10 @@
 collection.
 
 At exit the interpreter garbage-collects every object TensorFlow and JAX created, millions of
-them: 3-4 s on a 2-core CPU after the run's work is done. Frozen first, those objects are left to
-the operating system. Every exit handler still runs (files, checkpoints and event files are
-closed explicitly before that anyway).
+them: 3-4 s on a 2-core CPU after the run's work is done. Frozen instead, those objects are left
+to the operating system. Every exit handler still runs; what no longer runs is the finaliser
+(`__del__`) of an object caught in a reference cycle, which Python never promised at exit. afd_jax
+closes what it writes (checkpoints, event files, summaries) explicitly, before exit.
 """
 import atexit
 import gc
@@ -13,7 +14,9 @@ from absl import app
 
 
 def exit_without_final_gc() -> None:
-  """Freezes the heap at exit, after the exit handlers registered from now on have run."""
+  """Freezes the heap at exit: after the exit handlers registered from now on (those of the run),
+  before those registered earlier (at import: JAX's clean-up and multi-host shutdown, logging's
+  flush), which all still run."""
   atexit.register(gc.freeze)
 
 

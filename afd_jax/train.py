@@ -3,6 +3,7 @@
 `train_and_evaluate(config, workdir)` trains a model alone (`method='none'` and no KD: teacher
 training, or a student from scratch) or distils a frozen teacher into a student.
 """
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -201,66 +202,67 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
 
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # processes > 0 (process 0 made it)
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints, config.keep_best)
-  init_fn = step.jit_init_state(task, mesh, info.image_shape,
-                                jax.eval_shape(lambda: teacher_vars) if distil else None)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                          jax.eval_shape(init_fn, rng))
   writer = metrics.Writer(workdir)
-  restored = ckpts.restore_latest(abstract) if own else None
-  source = f'{workdir} (own checkpoint)'
-  if restored is None and config.resume_from:
-    restored = checkpoint.Checkpoints(config.resume_from, create=False).restore_latest(abstract)
-    source = f'{config.resume_from} (resume_from)'
-  earlier_train_time = 0.0  # the training time of the runs that led to the restored state
-  if restored is not None:
-    state, restored_meta = restored
-    earlier_train_time = float(restored_meta.get('train_time_sec', 0.0))
-    writer.console(f'resumed from {source} at step {int(state.step)}')
-  else:
-    state = init_fn(rng)
-    if config.student.init_checkpoint:
-      initial = checkpoint.load_model_variables(
-          config.student.init_checkpoint, config.student.name, student, info.num_classes,
-          info.image_shape, 'student.init_checkpoint', new_head_ok=True)
-      state = state.replace(
-          params={**state.params, 'student': jax.device_put(initial['params'], rep)},
-          batch_stats={**state.batch_stats,
-                       'student': jax.device_put(initial['batch_stats'], rep)})
-      writer.console(f'student initialised from {config.student.init_checkpoint}')
-  start_step = int(state.step)
-  checkpoint.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
-
-  train_step = step.jit_train_step(task, mesh)
-  pretrain_step = step.jit_pretrain_step(task, mesh) if task.pretrain is not None else None
-  eval_student = step.jit_eval_step(student, mesh)
-  writer.console(
-      f'{config.name}: {config.student.name}'
-      + (f' <- {config.teacher.name} ({config.method}, kd {config.loss.kd_weight})' if distil else '')
-      + f' on {info.name} ({info.num_train} train / {info.num_eval} eval, {info.num_classes} '
-      f'classes), {jax.device_count()} devices x {jax.process_count()} processes, '
-      f'{steps_per_epoch} steps/epoch, {total_steps} steps')
-  if distil:
-    teacher_eval = evaluate(step.jit_eval_step(teacher, mesh), teacher_vars, config, info, mesh)
-    writer.console(f'teacher {config.teacher.name}: top1 {teacher_eval["top1"]:.2f} '
-                   f'top5 {teacher_eval["top5"]:.2f}')
-    writer.scalars(start_step, {'teacher/top1': teacher_eval['top1']})
-  else:
-    teacher_eval = None
-
-  train_time = lambda: earlier_train_time + time.time() - progress.start_time
-  meta = lambda s, extra=None: {'fingerprint': expected, 'step': s, 'config_name': config.name,
-                                'train_time_sec': train_time(), **(extra or {})}
-  train_iter = data.train_iterator(config, info, start_step=start_step,
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-  progress = metrics.Progress(total_steps, config.batch_size, start_step)
-  watch = PreemptionWatch()
-  history, history_start, attention = [], start_step, []
-  eval_metrics: Optional[Dict[str, float]] = None
-  train_metrics: Dict[str, float] = {}
-  status = 'finished'
+  watch = train_iter = None
   try:
+    init_fn = step.jit_init_state(task, mesh, info.image_shape,
+                                  jax.eval_shape(lambda: teacher_vars) if distil else None)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                            jax.eval_shape(init_fn, rng))
+    restored = ckpts.restore_latest(abstract) if own else None
+    source = f'{workdir} (own checkpoint)'
+    if restored is None and config.resume_from:
+      restored = checkpoint.Checkpoints(config.resume_from, create=False).restore_latest(abstract)
+      source = f'{config.resume_from} (resume_from)'
+    earlier_train_time = 0.0  # the training time of the runs that led to the restored state
+    if restored is not None:
+      state, restored_meta = restored
+      earlier_train_time = float(restored_meta.get('train_time_sec', 0.0))
+      writer.console(f'resumed from {source} at step {int(state.step)}')
+    else:
+      state = init_fn(rng)
+      if config.student.init_checkpoint:
+        initial = checkpoint.load_model_variables(
+            config.student.init_checkpoint, config.student.name, student, info.num_classes,
+            info.image_shape, 'student.init_checkpoint', new_head_ok=True)
+        state = state.replace(
+            params={**state.params, 'student': jax.device_put(initial['params'], rep)},
+            batch_stats={**state.batch_stats,
+                         'student': jax.device_put(initial['batch_stats'], rep)})
+        writer.console(f'student initialised from {config.student.init_checkpoint}')
+    start_step = int(state.step)
+    checkpoint.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+
+    train_step = step.jit_train_step(task, mesh)
+    pretrain_step = step.jit_pretrain_step(task, mesh) if task.pretrain is not None else None
+    eval_student = step.jit_eval_step(student, mesh)
+    pair = f' <- {config.teacher.name} ({config.method}, kd {config.loss.kd_weight})'
+    writer.console(
+        f'{config.name}: {config.student.name}' + (pair if distil else '')
+        + f' on {info.name} ({info.num_train} train / {info.num_eval} eval, {info.num_classes} '
+        f'classes), {jax.device_count()} devices x {jax.process_count()} processes, '
+        f'{steps_per_epoch} steps/epoch, {total_steps} steps')
+    if distil:
+      teacher_eval = evaluate(step.jit_eval_step(teacher, mesh), teacher_vars, config, info, mesh)
+      writer.console(f'teacher {config.teacher.name}: top1 {teacher_eval["top1"]:.2f} '
+                     f'top5 {teacher_eval["top5"]:.2f}')
+      writer.scalars(start_step, {'teacher/top1': teacher_eval['top1']})
+    else:
+      teacher_eval = None
+
+    train_time = lambda: earlier_train_time + time.time() - progress.start_time
+    meta = lambda s, extra=None: {'fingerprint': expected, 'step': s, 'config_name': config.name,
+                                  'train_time_sec': train_time(), **(extra or {})}
+    train_iter = data.train_iterator(config, info, start_step=start_step,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    progress = metrics.Progress(total_steps, config.batch_size, start_step)
+    watch = PreemptionWatch()
+    history, history_start, attention = [], start_step, []
+    eval_metrics: Optional[Dict[str, float]] = None
+    train_metrics: Dict[str, float] = {}
+    status = 'finished'
     for step_index in range(start_step, total_steps):
       batch = sharding.global_batch(next(train_iter), mesh)
       run = pretrain_step if step_index < task.pretrain_steps else train_step
@@ -319,9 +321,11 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
                               config, info, mesh)
   finally:
     train_iter = None  # Close the input pipeline now, not at interpreter exit.
-    watch.close()
-    ckpts.close()
-    writer.close()  # the event file complete, however the run ends
+    with contextlib.ExitStack() as closing:  # each is closed even where another raises
+      closing.callback(writer.close)  # the event file complete, however the run ends
+      closing.callback(ckpts.close)
+      if watch is not None:
+        closing.callback(watch.close)
   wall = time.time() - progress.start_time
   summary = {'config_name': config.name, 'status': status, 'final_step': int(state.step),
              'total_steps': total_steps, 'eval': eval_metrics, 'teacher_eval': teacher_eval,
