@@ -202,9 +202,9 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
 
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # processes > 0 (process 0 made it)
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints, config.keep_best)
-  writer = metrics.Writer(workdir)
-  watch = train_iter = None
+  writer = watch = train_iter = None
   try:
+    writer = metrics.Writer(workdir)
     init_fn = step.jit_init_state(task, mesh, info.image_shape,
                                   jax.eval_shape(lambda: teacher_vars) if distil else None)
     rng = jax.random.PRNGKey(config.seed)
@@ -321,11 +321,14 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
                               config, info, mesh)
   finally:
     train_iter = None  # Close the input pipeline now, not at interpreter exit.
-    with contextlib.ExitStack() as closing:  # each is closed even where another raises
-      closing.callback(writer.close)  # the event file complete, however the run ends
-      closing.callback(ckpts.close)
+    # Each is closed even where another raises, in reverse order: the SIGTERM handler last, so
+    # that it still guards the final saves.
+    with contextlib.ExitStack() as closing:
       if watch is not None:
         closing.callback(watch.close)
+      if writer is not None:
+        closing.callback(writer.close)  # the event file complete, however the run ends
+      closing.callback(ckpts.close)
   wall = time.time() - progress.start_time
   summary = {'config_name': config.name, 'status': status, 'final_step': int(state.step),
              'total_steps': total_steps, 'eval': eval_metrics, 'teacher_eval': teacher_eval,

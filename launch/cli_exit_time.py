@@ -12,6 +12,7 @@ counted; each run takes about 1.5 minutes on 2 CPU cores, most of it compiling.
 """
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -54,7 +55,8 @@ def main():
   args = parser.parse_args()
   if args.runs < 1 or args.devices < 1:
     sys.exit('error: --runs and --devices take a positive number.')
-  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={args.devices}'
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
+  flags += f' --xla_force_host_platform_device_count={args.devices}'
   env = {**os.environ, 'PYTHONUNBUFFERED': '1', 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': flags.strip()}
   with tempfile.TemporaryDirectory() as tmp:
     rows = [one_run(os.path.join(tmp, 'data'), os.path.join(tmp, f'run{i}'), env)
