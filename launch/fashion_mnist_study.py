@@ -5,7 +5,8 @@
                                                  [--methods none,kd,afd,semckd] [--report-only]
 
 Every run is `python -m afd_jax.main --config=configs/fashion_mnist.py:method=M,seed=S
---workdir=ROOT/M-sS` (each seed's teacher first; the students distil the teacher of their seed).
+--workdir=ROOT/M-sS` (the students distil the teacher of their seed, trained before the first of
+them that still has to run; the student alone needs none).
 `--methods` picks which of configs/fashion_mnist.py's METHODS run (a comparison of a few methods
 on the same pair and schedule: e.g. `--methods none,kd,afd,semckd,reviewkd,dkd`).
 Each finished run's result is recorded in docs/results/fashion_mnist_runs.json (top-1, times,
@@ -318,14 +319,14 @@ def main():
   if unknown:
     parser.error(f'unknown method(s) {unknown}; choose from {", ".join(ENTRIES)}')
   record = load_record()
-  if not args.report_only:  # the teachers first, then method by method (every seed of one)
-    students = [m for m in chosen if m != 'teacher']
-    for seed in seeds:
-      if any(not is_current(record.get(f'{name(m)}-s{seed}'), record, m, seed, args.root)
-             for m in students + ['teacher']):
-        run(args.root, 'teacher', seed, record)
-    for method in students:
+  if not args.report_only:  # method by method (every seed of one), each seed's teacher first
+    for method in [m for m in chosen if m != 'teacher']:
       for seed in seeds:
+        if (base(method) != 'none'  # the student alone needs no teacher
+            and not is_current(record.get(f'{name(method)}-s{seed}'), record, method, seed)
+            and not is_current(record.get(f'teacher-s{seed}'), record, 'teacher', seed,
+                               args.root)):
+          run(args.root, 'teacher', seed, record)
         run(args.root, method, seed, record)
   report(args.root, seeds, record)
 
