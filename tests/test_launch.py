@@ -1,4 +1,5 @@
-"""Launch scripts: the TPU pod dry run prints the commands; bad use is refused."""
+"""Launch scripts: the TPU pod dry run prints the commands; bad use is refused; the study runner
+runs a teacher only where a student needs it."""
 import subprocess
 
 from tests import runs
@@ -32,3 +33,35 @@ def test_tpu_pod_refuses_missing_arguments():
 def test_local_multiprocess_usage():
   result = script('local_multiprocess.sh')
   assert result.returncode == 2 and 'loopback' in result.stdout
+
+
+def test_study_trains_a_teacher_only_before_a_student_that_needs_it(tmp_path, monkeypatch):
+  """A clone without workdirs: the student alone runs first, with no teacher; a student already
+  recorded against its seed's teacher does not bring that teacher back; the first student of a
+  seed that still has to run does."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      'fashion_mnist_study', runs.REPO / 'launch' / 'fashion_mnist_study.py')
+  study = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(study)
+  record = {'teacher-s0': {'params_sha256': 'a', 'top1': 88.0, 'commit': 'x'},
+            'teacher-s1': {'params_sha256': 'b', 'top1': 88.0, 'commit': 'x'},
+            'kd-s0': {'top1': 86.0, 'teacher_sha256': 'a', 'commit': 'x'}}
+  calls = []
+
+  def fake_run(root, method, seed, rec):
+    calls.append((method, seed))
+    if method == 'teacher':  # trained again, to the same parameters
+      folder = tmp_path / f'teacher-s{seed}'
+      folder.mkdir()
+      (folder / 'summary.json').write_text(
+          json.dumps({'params_sha256': rec[f'teacher-s{seed}']['params_sha256']}))
+
+  monkeypatch.setattr(study, 'load_record', lambda: record)
+  monkeypatch.setattr(study, 'run', fake_run)
+  monkeypatch.setattr(study, 'report', lambda *a: None)
+  monkeypatch.setattr('sys.argv', ['fashion_mnist_study.py', f'--root={tmp_path}',
+                                   '--seeds=0,1', '--methods=none,kd'])
+  study.main()
+  assert calls == [('none', 0), ('none', 1), ('kd', 0), ('teacher', 1), ('kd', 1)]
