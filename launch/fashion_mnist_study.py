@@ -13,8 +13,9 @@ Each finished run's result is recorded in docs/results/fashion_mnist_runs.json (
 the commit, its parameters' hash and its teacher's) and is not run again while its teacher is
 the one in the teacher's workdir; an interrupted run resumes from its checkpoint, so rerunning
 this script after a stop continues the study. A teacher whose workdir is gone is trained again
-(same seed, same command) when a student of its seed still has to run, and the students that
-distilled the old one run again (the report marks with † the rows not yet redone).
+(same seed, same command) when a student of its seed still has to run; if its parameters come
+out bit for bit the same, its record stands, and otherwise the students that distilled the old
+one run again (the report marks with † the rows not yet redone).
 Logs: ROOT/M-sS/log.txt.
 The report is built from the record, so it keeps every method finished so far, and its
 '## Discussion' section across reruns.
@@ -180,7 +181,12 @@ def run(root, method, seed, record):
            'params_sha256': done['params_sha256']}
   if base(method) not in ('teacher', 'none'):
     new['teacher_sha256'] = teacher_sha256(root, seed)
-  if entry:  # the run this one replaces, for the report's note
+  if entry and entry.get('params_sha256') is not None and (
+      entry['params_sha256'] == new.get('params_sha256')):
+    # Its workdir was gone and it ran again to the same parameters, bit for bit: the record keeps
+    # the run it had, and notes the commits that reproduced it.
+    new = {**entry, 'reproduced': entry.get('reproduced', []) + [new['commit']]}
+  elif entry:  # the run this one replaces, for the report's note
     new['replaces'] = {'top1': entry.get('top1'), 'commit': entry['commit']}
   record[key] = new
   save_record(record)
@@ -194,17 +200,26 @@ def discussion():
 
 
 def teacher_note(root, seeds, record):
-  again = [(seed, record[f'teacher-s{seed}']) for seed in seeds
-           if 'replaces' in record.get(f'teacher-s{seed}', {})]
-  if not again:
-    return []
-  return [
-      'The teachers were trained again (same command and seed, current code; their first '
-      'workdirs were gone): top-1 '
-      + ', '.join(f'{e["top1"]:.2f} (seed {s}; first study {e["replaces"]["top1"]:.2f})'
-                  for s, e in again if e['replaces'].get('top1') is not None)
-      + '; every row without † distils these (or runs without a teacher) with the current code.',
-      '']
+  teachers = [(seed, record.get(f'teacher-s{seed}', {})) for seed in seeds]
+  again = [(s, e) for s, e in teachers if 'replaces' in e]
+  same = [(s, e) for s, e in teachers if 'reproduced' in e]
+  lines = []
+  if again:
+    lines += [
+        'The teachers were trained again (same command and seed, current code; their first '
+        'workdirs were gone): top-1 '
+        + ', '.join(f'{e["top1"]:.2f} (seed {s}; first study {e["replaces"]["top1"]:.2f})'
+                    for s, e in again if e['replaces'].get('top1') is not None)
+        + '; every row without † distils these (or runs without a teacher) with the current code.',
+        '']
+  if same:
+    lines += [
+        'Teachers whose workdirs were gone again were trained once more, with later code in a '
+        'fresh checkout, and came out with the same parameters bit for bit (params_sha256): '
+        + ', '.join(f'seed {s} (trained at {e["commit"]}, again at {", ".join(e["reproduced"])})'
+                    for s, e in same)
+        + '.', '']
+  return lines
 
 
 def report(root, seeds, record):

@@ -1,6 +1,10 @@
 """Launch scripts: the TPU pod dry run prints the commands; bad use is refused; the study runner
-runs a teacher only where a student needs it."""
+runs a teacher only where a student needs it, and keeps one that reproduces."""
+import importlib.util
+import json
 import subprocess
+
+import pytest
 
 from tests import runs
 
@@ -35,16 +39,20 @@ def test_local_multiprocess_usage():
   assert result.returncode == 2 and 'loopback' in result.stdout
 
 
-def test_study_trains_a_teacher_only_before_a_student_that_needs_it(tmp_path, monkeypatch):
-  """A clone without workdirs: the student alone runs first, with no teacher; a student already
-  recorded against its seed's teacher does not bring that teacher back; the first student of a
-  seed that still has to run does."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
+def study_runner():
+  """launch/fashion_mnist_study.py as a module (launch/ is not a package)."""
   spec = importlib.util.spec_from_file_location(
       'fashion_mnist_study', runs.REPO / 'launch' / 'fashion_mnist_study.py')
   study = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(study)
+  return study
+
+
+def test_study_trains_a_teacher_only_before_a_student_that_needs_it(tmp_path, monkeypatch):
+  """A clone without workdirs: the student alone runs first, with no teacher; a student already
+  recorded against its seed's teacher does not bring that teacher back; the first student of a
+  seed that still has to run does."""
+  study = study_runner()
   record = {'teacher-s0': {'params_sha256': 'a', 'top1': 88.0, 'commit': 'x'},
             'teacher-s1': {'params_sha256': 'b', 'top1': 88.0, 'commit': 'x'},
             'kd-s0': {'top1': 86.0, 'teacher_sha256': 'a', 'commit': 'x'}}
@@ -65,3 +73,32 @@ def test_study_trains_a_teacher_only_before_a_student_that_needs_it(tmp_path, mo
                                    '--seeds=0,1', '--methods=none,kd'])
   study.main()
   assert calls == [('none', 0), ('none', 1), ('kd', 0), ('teacher', 1), ('kd', 1)]
+
+
+@pytest.mark.parametrize('same', [True, False])
+def test_study_keeps_a_teacher_trained_again_to_the_same_parameters(tmp_path, monkeypatch, same):
+  """A teacher whose workdir was gone runs again: the same parameters bit for bit keep its record
+  (and the students that distilled it stay current); other parameters replace it."""
+  study = study_runner()
+  record = {'teacher-s0': {'params_sha256': 'a', 'top1': 88.0, 'commit': 'old'},
+            'kd-s0': {'top1': 86.0, 'teacher_sha256': 'a', 'commit': 'old'}}
+
+  def fake_call(cmd, **unused_kwargs):  # the teacher's run, ending with its summary
+    (tmp_path / 'teacher-s0' / 'summary.json').write_text(json.dumps(
+        {'eval': {'top1': 88.0 if same else 87.5}, 'wall_time_sec': 1.0,
+         'total_time_sec': 1.0, 'params_sha256': 'a' if same else 'b'}))
+    return 0
+
+  monkeypatch.setattr(study.subprocess, 'call', fake_call)
+  monkeypatch.setattr(study, 'commit', lambda: 'new')
+  monkeypatch.setattr(study, 'save_record', lambda rec: None)
+  study.run(str(tmp_path), 'teacher', 0, record)
+  note = ' '.join(study.teacher_note(str(tmp_path), [0], record))
+  if same:
+    assert record['teacher-s0'] == {'params_sha256': 'a', 'top1': 88.0, 'commit': 'old',
+                                    'reproduced': ['new']}
+    assert 'bit for bit' in note and 'seed 0 (trained at old, again at new)' in note
+  else:
+    assert record['teacher-s0']['replaces'] == {'top1': 88.0, 'commit': 'old'}
+    assert record['teacher-s0']['params_sha256'] == 'b' and 'first study 88.00' in note
+  assert study.is_current(record['kd-s0'], record, 'kd', 0) == same
