@@ -39,6 +39,8 @@ LABELS = {'teacher': f'teacher ({fashion_mnist.TEACHER})',
           'reviewkd': 'ReviewKD'}
 REPORT = os.path.join(REPO, 'docs', 'results', 'fashion_mnist.md')
 RECORD = os.path.join(REPO, 'docs', 'results', 'fashion_mnist_runs.json')
+# In a student's workdir: what it was started against, so that an interrupted rerun resumes.
+STARTED_AGAINST = 'study_started_against.txt'
 # The methods that learn their layer links, whose maps the report draws side by side.
 LINK_MAPS = ('afd', 'semckd')
 
@@ -138,6 +140,16 @@ def is_current(entry, record, study_entry, seed, root=None):
   return teacher is not None and entry.get('teacher_sha256') == teacher
 
 
+def started_against(folder):
+  """What a student's workdir was started against: its teacher's params_sha256, or 'none' for
+  the student alone (None: a folder from before the runner wrote it)."""
+  path = os.path.join(folder, STARTED_AGAINST)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return f.read().strip()
+
+
 def last_error(folder):
   with open(os.path.join(folder, 'log.txt')) as f:
     errors = [line.strip() for line in f if line.startswith('error: ')]
@@ -150,9 +162,12 @@ def run(root, method, seed, record):
   if is_current(entry, record, method, seed, root):
     print(f'{key}: finished earlier', flush=True)
     return
-  if entry and base(method) != 'teacher' and os.path.exists(folder):
-    # Its teacher has changed since (or its code, for the student alone): keep the old run
-    # beside, with its checkpoints, and run it again from the start.
+  against = 'none' if base(method) == 'none' else teacher_sha256(root, seed)
+  if (entry and base(method) != 'teacher' and os.path.exists(folder)
+      and started_against(folder) != against):
+    # Its teacher has changed since (or its code, for the student alone), and the folder is not
+    # a run started against the current one: keep the old run beside, with its checkpoints, and
+    # run it again from the start.
     n = 1
     while os.path.exists(f'{folder}.stale{n}'):
       n += 1
@@ -160,6 +175,9 @@ def run(root, method, seed, record):
     print(f'{key}: its teacher changed; the old run is now {folder}.stale{n}', flush=True)
   if not summary(root, method, seed):
     os.makedirs(folder, exist_ok=True)
+    if base(method) != 'teacher':
+      with open(os.path.join(folder, STARTED_AGAINST), 'w') as f:
+        f.write(against + '\n')
     start = time.time()
     print(f'{key}: running ({" ".join(command(root, method, seed)[1:])})', flush=True)
     with open(os.path.join(folder, 'log.txt'), 'a') as log:

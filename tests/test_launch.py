@@ -102,3 +102,43 @@ def test_study_keeps_a_teacher_trained_again_to_the_same_parameters(tmp_path, mo
     assert record['teacher-s0']['replaces'] == {'top1': 88.0, 'commit': 'old'}
     assert record['teacher-s0']['params_sha256'] == 'b' and 'first study 88.00' in note
   assert study.is_current(record['kd-s0'], record, 'kd', 0) == same
+
+
+@pytest.mark.parametrize('started_against_current', [True, False])
+def test_study_resumes_a_rerun_started_against_the_current_teacher(tmp_path, monkeypatch,
+                                                                     started_against_current):
+  """A row being redone (its record distils an older teacher) whose rerun was interrupted: a folder
+  started against the current teacher is resumed (here: it had finished, and only its record was
+  missing); any other folder is kept aside as stale and the run starts again."""
+  study = study_runner()
+  record = {'teacher-s0': {'params_sha256': 'a', 'top1': 88.0, 'commit': 'old'},
+            'kd-s0': {'top1': 86.0, 'teacher_sha256': 'x', 'commit': 'old'}}
+  (tmp_path / 'teacher-s0').mkdir()
+  (tmp_path / 'teacher-s0' / 'summary.json').write_text(json.dumps({'params_sha256': 'a'}))
+  student = tmp_path / 'kd-s0'
+  student.mkdir()
+  done = {'eval': {'top1': 86.5}, 'wall_time_sec': 1.0, 'total_time_sec': 1.0,
+          'params_sha256': 's'}
+  (student / 'summary.json').write_text(json.dumps(done))
+  if started_against_current:
+    (student / study.STARTED_AGAINST).write_text('a\n')
+  calls = []
+
+  def fake_call(cmd, **unused_kwargs):
+    calls.append(cmd)
+    (student / 'summary.json').write_text(json.dumps({**done, 'eval': {'top1': 86.7}}))
+    return 0
+
+  monkeypatch.setattr(study.subprocess, 'call', fake_call)
+  monkeypatch.setattr(study, 'commit', lambda: 'new')
+  monkeypatch.setattr(study, 'save_record', lambda rec: None)
+  study.run(str(tmp_path), 'kd', 0, record)
+  assert record['kd-s0']['teacher_sha256'] == 'a'
+  assert study.is_current(record['kd-s0'], record, 'kd', 0)
+  if started_against_current:
+    assert not calls and record['kd-s0']['top1'] == 86.5
+    assert not (tmp_path / 'kd-s0.stale1').exists()
+  else:
+    assert len(calls) == 1 and record['kd-s0']['top1'] == 86.7
+    assert (tmp_path / 'kd-s0.stale1' / 'summary.json').exists()
+    assert (student / study.STARTED_AGAINST).read_text() == 'a\n'
