@@ -127,7 +127,7 @@ def is_current(entry, record, study_entry, seed, root=None):
   """Whether a recorded run is one of this study's: a student distilled the recorded teacher of
   its seed, and the student alone ran with the code of the rest (the first study's runs,
   recorded without hashes, are run again). With `root`, a teacher must also be the run in its
-  workdir (a teacher trained again replaces its record)."""
+  workdir (a teacher trained again to other parameters replaces its record)."""
   if not entry:
     return False
   method = base(study_entry)
@@ -163,7 +163,10 @@ def run(root, method, seed, record):
     print(f'{key}: finished earlier', flush=True)
     return
   against = 'none' if base(method) == 'none' else teacher_sha256(root, seed)
-  if (entry and base(method) != 'teacher' and os.path.exists(folder)
+  if base(method) != 'teacher' and against is None:
+    sys.exit(f'{key} needs teacher-s{seed}, which has no finished run in {root}')
+  if (base(method) != 'teacher' and os.path.exists(folder)
+      and (entry or started_against(folder) is not None)
       and started_against(folder) != against):
     # Its teacher has changed since (or its code, for the student alone), and the folder is not
     # a run started against the current one: keep the old run beside, with its checkpoints, and
@@ -199,10 +202,10 @@ def run(root, method, seed, record):
            'params_sha256': done['params_sha256']}
   if base(method) not in ('teacher', 'none'):
     new['teacher_sha256'] = teacher_sha256(root, seed)
-  if entry and entry.get('params_sha256') is not None and (
+  if base(method) == 'teacher' and entry and entry.get('params_sha256') is not None and (
       entry['params_sha256'] == new.get('params_sha256')):
     # Its workdir was gone and it ran again to the same parameters, bit for bit: the record keeps
-    # the run it had, and notes the commits that reproduced it.
+    # the run it had (its students stay current), and notes the commits that reproduced it.
     new = {**entry, 'reproduced': entry.get('reproduced', []) + [new['commit']]}
   elif entry:  # the run this one replaces, for the report's note
     new['replaces'] = {'top1': entry.get('top1'), 'commit': entry['commit']}
@@ -219,7 +222,8 @@ def discussion():
 
 def teacher_note(root, seeds, record):
   teachers = [(seed, record.get(f'teacher-s{seed}', {})) for seed in seeds]
-  again = [(s, e) for s, e in teachers if 'replaces' in e]
+  again = [(s, e) for s, e in teachers
+           if 'top1' in e and e.get('replaces', {}).get('top1') is not None]
   same = [(s, e) for s, e in teachers if 'reproduced' in e]
   lines = []
   if again:
@@ -227,13 +231,13 @@ def teacher_note(root, seeds, record):
         'The teachers were trained again (same command and seed, current code; their first '
         'workdirs were gone): top-1 '
         + ', '.join(f'{e["top1"]:.2f} (seed {s}; first study {e["replaces"]["top1"]:.2f})'
-                    for s, e in again if e['replaces'].get('top1') is not None)
-        + '; every row without † distils these (or runs without a teacher) with the current code.',
-        '']
+                    for s, e in again)
+        + '; every row without † distils these (or runs without a teacher) with the current '
+        'code.', '']
   if same:
     lines += [
-        'Teachers whose workdirs were gone again were trained once more, with later code in a '
-        'fresh checkout, and came out with the same parameters bit for bit (params_sha256): '
+        'Teachers trained again after their workdirs were lost came out with the same '
+        'parameters bit for bit (params_sha256): '
         + ', '.join(f'seed {s} (trained at {e["commit"]}, again at {", ".join(e["reproduced"])})'
                     for s, e in same)
         + '.', '']
@@ -291,15 +295,16 @@ def report(root, seeds, record):
       '`dataset-fashion-mnist` through the offline `fashion_mnist_local` builder. Schedule '
       f'(configs/fashion_mnist.py): the first {c.dataset.train_subset:,} training images, '
       f'{c.num_epochs} epochs, batch {c.batch_size}, SGD {c.optimizer.learning_rate} with cosine '
-      f'decay, weight decay {c.optimizer.weight_decay}, crop + flip. Top-1 on the full 10,000-image '
-      'test split at the **last epoch** (the protocol of the CRD benchmark), mean ± sample std '
-      f'over seeds {", ".join(map(str, seeds))}; each student distils the teacher of its seed. Loss '
-      'weights as each method\'s original code (configs/methods.py, which cites them): KD = 0.1 '
-      'CE + 0.9 KD (T 4); FitNet CE + 100 hint; AT CE + 1000 AT; AFD CE + 0.9 KD + 200 L_AFD '
-      '(the official recipe); the CRD benchmark\'s others at its weights, AB, FT and FSP after '
-      f'their own pre-training stage of {fashion_mnist.PRETRAIN_EPOCHS} epochs (the benchmark\'s '
-      '30 of 240, scaled); SemCKD, ReviewKD and DKD at their repositories\' CIFAR-100 weights, '
-      f'the 20-epoch warm-ups of the last two scaled alike ({fashion_mnist.WARMUP_EPOCHS:.2f}).',
+      f'decay, weight decay {c.optimizer.weight_decay}, crop + flip. Top-1 on the full '
+      '10,000-image test split at the **last epoch** (the protocol of the CRD benchmark), mean '
+      f'± sample std over seeds {", ".join(map(str, seeds))}; each student distils the teacher of '
+      'its seed. Loss weights as each method\'s original code (configs/methods.py, which cites '
+      'them): KD = 0.1 CE + 0.9 KD (T 4); FitNet CE + 100 hint; AT CE + 1000 AT; AFD CE + 0.9 '
+      'KD + 200 L_AFD (the official recipe); the CRD benchmark\'s others at its weights, AB, FT '
+      f'and FSP after their own pre-training stage of {fashion_mnist.PRETRAIN_EPOCHS} epochs '
+      '(the benchmark\'s 30 of 240, scaled); SemCKD, ReviewKD and DKD at their repositories\' '
+      'CIFAR-100 weights, the 20-epoch warm-ups of the last two scaled alike '
+      f'({fashion_mnist.WARMUP_EPOCHS:.2f}).',
       '',
       '| run | top-1 (%) | per seed | train min (3 seeds) |',
       '|---|---|---|---|',
@@ -319,7 +324,7 @@ def report(root, seeds, record):
       '.venv/bin/python launch/fashion_mnist_study.py',
       '```',
       '',
-      'One run: ' + '`' + ' '.join(['python'] + command('workdirs/fashion_mnist', 'afd', 0)[1:]) + '`',
+      'One run: `' + ' '.join(['python'] + command('workdirs/fashion_mnist', 'afd', 0)[1:]) + '`',
       '',
       f'Learned layer links, seed {seeds[0]} (each method\'s attention, mean over the last '
       'epoch\'s training batches; rows: teacher layers, columns: student layers; '
@@ -352,7 +357,9 @@ def main():
   if unknown:
     parser.error(f'unknown method(s) {unknown}; choose from {", ".join(ENTRIES)}')
   record = load_record()
-  if not args.report_only:  # method by method (every seed of one), each seed's teacher first
+  teachers = lambda: [record.get(f'teacher-s{s}', {}).get('params_sha256') for s in seeds]
+  while not args.report_only:  # method by method (every seed of one), each seed's teacher first
+    before = teachers()
     for method in [m for m in chosen if m != 'teacher']:
       for seed in seeds:
         if (base(method) != 'none'  # the student alone needs no teacher
@@ -361,6 +368,10 @@ def main():
                                args.root)):
           run(args.root, 'teacher', seed, record)
         run(args.root, method, seed, record)
+    if teachers() == before:
+      break
+    # A teacher trained again to other parameters: the students of its seed run before it were
+    # current then and are not now; one more pass runs them.
   report(args.root, seeds, record)
 
 

@@ -48,31 +48,44 @@ def study_runner():
   return study
 
 
-def test_study_trains_a_teacher_only_before_a_student_that_needs_it(tmp_path, monkeypatch):
-  """A clone without workdirs: the student alone runs first, with no teacher; a student already
-  recorded against its seed's teacher does not bring that teacher back; the first student of a
-  seed that still has to run does."""
+@pytest.mark.parametrize('reproduces', [True, False])
+def test_study_trains_a_teacher_only_before_a_student_that_needs_it(tmp_path, monkeypatch,
+                                                                   reproduces):
+  """A clone without workdirs: the student alone runs first, with no teacher; students recorded
+  against their seed's teacher do not bring it back; the first student of a seed that still has
+  to run does. A teacher trained again to other parameters makes the students of its seed that
+  were current earlier in the pass run again."""
   study = study_runner()
   record = {'teacher-s0': {'params_sha256': 'a', 'top1': 88.0, 'commit': 'x'},
             'teacher-s1': {'params_sha256': 'b', 'top1': 88.0, 'commit': 'x'},
-            'kd-s0': {'top1': 86.0, 'teacher_sha256': 'a', 'commit': 'x'}}
-  calls = []
+            'kd-s0': {'top1': 86.0, 'teacher_sha256': 'a', 'commit': 'x'},
+            'kd-s1': {'top1': 86.0, 'teacher_sha256': 'b', 'commit': 'x'}}
+  runs_done = []
 
-  def fake_run(root, method, seed, rec):
-    calls.append((method, seed))
-    if method == 'teacher':  # trained again, to the same parameters
-      folder = tmp_path / f'teacher-s{seed}'
-      folder.mkdir()
-      (folder / 'summary.json').write_text(
-          json.dumps({'params_sha256': rec[f'teacher-s{seed}']['params_sha256']}))
+  def fake_run(root, method, seed, rec):  # what run() records, for the runs it really runs
+    key = f'{method}-s{seed}'
+    if study.is_current(rec.get(key), rec, method, seed, root):
+      return
+    runs_done.append(key)
+    if method == 'teacher':  # trained again: to the same parameters, or to new ones
+      sha = rec[key]['params_sha256'] if reproduces else f'new{seed}'
+      (tmp_path / key).mkdir()
+      (tmp_path / key / 'summary.json').write_text(json.dumps({'params_sha256': sha}))
+      rec[key] = {**rec[key], 'params_sha256': sha}
+    else:
+      rec[key] = {'params_sha256': 's', 'teacher_sha256': study.teacher_sha256(root, seed)}
 
   monkeypatch.setattr(study, 'load_record', lambda: record)
   monkeypatch.setattr(study, 'run', fake_run)
   monkeypatch.setattr(study, 'report', lambda *a: None)
   monkeypatch.setattr('sys.argv', ['fashion_mnist_study.py', f'--root={tmp_path}',
-                                   '--seeds=0,1', '--methods=none,kd'])
+                                   '--seeds=0,1', '--methods=none,kd,afd'])
   study.main()
-  assert calls == [('none', 0), ('none', 1), ('kd', 0), ('teacher', 1), ('kd', 1)]
+  first_pass = ['none-s0', 'none-s1', 'teacher-s0', 'afd-s0', 'teacher-s1', 'afd-s1']
+  assert runs_done == first_pass + ([] if reproduces else ['kd-s0', 'kd-s1'])
+  for seed in (0, 1):
+    for method in ('none', 'kd', 'afd'):
+      assert study.is_current(record[f'{method}-s{seed}'], record, method, seed, str(tmp_path))
 
 
 @pytest.mark.parametrize('same', [True, False])
@@ -104,12 +117,12 @@ def test_study_keeps_a_teacher_trained_again_to_the_same_parameters(tmp_path, mo
   assert study.is_current(record['kd-s0'], record, 'kd', 0) == same
 
 
-@pytest.mark.parametrize('started_against_current', [True, False])
-def test_study_resumes_a_rerun_started_against_the_current_teacher(tmp_path, monkeypatch,
-                                                                     started_against_current):
-  """A row being redone (its record distils an older teacher) whose rerun was interrupted: a folder
-  started against the current teacher is resumed (here: it had finished, and only its record was
-  missing); any other folder is kept aside as stale and the run starts again."""
+@pytest.mark.parametrize('marker', ['a', 'z', None])
+def test_study_resumes_a_rerun_started_against_the_current_teacher(tmp_path, monkeypatch, marker):
+  """A row being redone (its record distils an older teacher) whose rerun was stopped: a folder
+  started against the current teacher ('a') is resumed (here it had finished, and only its record
+  was missing); a folder started against another teacher, or by an older runner, is kept aside as
+  stale and the run starts again."""
   study = study_runner()
   record = {'teacher-s0': {'params_sha256': 'a', 'top1': 88.0, 'commit': 'old'},
             'kd-s0': {'top1': 86.0, 'teacher_sha256': 'x', 'commit': 'old'}}
@@ -120,8 +133,8 @@ def test_study_resumes_a_rerun_started_against_the_current_teacher(tmp_path, mon
   done = {'eval': {'top1': 86.5}, 'wall_time_sec': 1.0, 'total_time_sec': 1.0,
           'params_sha256': 's'}
   (student / 'summary.json').write_text(json.dumps(done))
-  if started_against_current:
-    (student / study.STARTED_AGAINST).write_text('a\n')
+  if marker:
+    (student / study.STARTED_AGAINST).write_text(marker + '\n')
   calls = []
 
   def fake_call(cmd, **unused_kwargs):
@@ -135,10 +148,20 @@ def test_study_resumes_a_rerun_started_against_the_current_teacher(tmp_path, mon
   study.run(str(tmp_path), 'kd', 0, record)
   assert record['kd-s0']['teacher_sha256'] == 'a'
   assert study.is_current(record['kd-s0'], record, 'kd', 0)
-  if started_against_current:
+  if marker == 'a':
     assert not calls and record['kd-s0']['top1'] == 86.5
     assert not (tmp_path / 'kd-s0.stale1').exists()
   else:
     assert len(calls) == 1 and record['kd-s0']['top1'] == 86.7
     assert (tmp_path / 'kd-s0.stale1' / 'summary.json').exists()
     assert (student / study.STARTED_AGAINST).read_text() == 'a\n'
+
+
+def test_study_stops_when_a_student_has_no_teacher_run(tmp_path):
+  """A student whose seed's teacher has no finished run in the root (it diverged, say) stops the
+  study with one line, before anything of the student's is made."""
+  study = study_runner()
+  record = {'teacher-s0': {'failed': 'non-finite loss', 'commit': 'x'}}
+  with pytest.raises(SystemExit, match='kd-s0 needs teacher-s0, which has no finished run'):
+    study.run(str(tmp_path), 'kd', 0, record)
+  assert not (tmp_path / 'kd-s0').exists() and 'kd-s0' not in record
