@@ -201,7 +201,7 @@ def run(root, method, seed, record):
            'total_time_sec': done['total_time_sec'], 'commit': commit(),
            'params_sha256': done['params_sha256']}
   if base(method) not in ('teacher', 'none'):
-    new['teacher_sha256'] = teacher_sha256(root, seed)
+    new['teacher_sha256'] = against
   if base(method) == 'teacher' and entry and entry.get('params_sha256') is not None and (
       entry['params_sha256'] == new.get('params_sha256')):
     # Its workdir was gone and it ran again to the same parameters, bit for bit: the record keeps
@@ -343,6 +343,10 @@ def report(root, seeds, record):
   print(f'wrote {REPORT}')
 
 
+def recorded_teachers(record, seeds):
+  return [record.get(f'teacher-s{seed}', {}).get('params_sha256') for seed in seeds]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--root', default=os.path.join(REPO, 'workdirs', 'fashion_mnist'))
@@ -357,9 +361,8 @@ def main():
   if unknown:
     parser.error(f'unknown method(s) {unknown}; choose from {", ".join(ENTRIES)}')
   record = load_record()
-  teachers = lambda: [record.get(f'teacher-s{s}', {}).get('params_sha256') for s in seeds]
   while not args.report_only:  # method by method (every seed of one), each seed's teacher first
-    before = teachers()
+    before = recorded_teachers(record, seeds)
     for method in [m for m in chosen if m != 'teacher']:
       for seed in seeds:
         if (base(method) != 'none'  # the student alone needs no teacher
@@ -368,7 +371,7 @@ def main():
                                args.root)):
           run(args.root, 'teacher', seed, record)
         run(args.root, method, seed, record)
-    if teachers() == before:
+    if recorded_teachers(record, seeds) == before:
       break
     # A teacher trained again to other parameters: the students of its seed run before it were
     # current then and are not now; one more pass runs them.

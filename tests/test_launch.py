@@ -48,6 +48,23 @@ def study_runner():
   return study
 
 
+def offline_study_runner(monkeypatch, fake_call):
+  """The runner with each run's process replaced by `fake_call(cmd)`, commit 'new', and the
+  record kept in memory only."""
+  study = study_runner()
+  monkeypatch.setattr(study.subprocess, 'call', lambda cmd, **unused_kwargs: fake_call(cmd))
+  monkeypatch.setattr(study, 'commit', lambda: 'new')
+  monkeypatch.setattr(study, 'save_record', lambda rec: None)
+  return study
+
+
+def write_summary(folder, **fields):
+  """A finished run's summary.json (the fields the runner reads)."""
+  folder.mkdir(exist_ok=True)
+  (folder / 'summary.json').write_text(json.dumps(
+      {'wall_time_sec': 1.0, 'total_time_sec': 1.0, **fields}))
+
+
 @pytest.mark.parametrize('reproduces', [True, False])
 def test_study_trains_a_teacher_only_before_a_student_that_needs_it(tmp_path, monkeypatch,
                                                                    reproduces):
@@ -69,8 +86,7 @@ def test_study_trains_a_teacher_only_before_a_student_that_needs_it(tmp_path, mo
     runs_done.append(key)
     if method == 'teacher':  # trained again: to the same parameters, or to new ones
       sha = rec[key]['params_sha256'] if reproduces else f'new{seed}'
-      (tmp_path / key).mkdir()
-      (tmp_path / key / 'summary.json').write_text(json.dumps({'params_sha256': sha}))
+      write_summary(tmp_path / key, params_sha256=sha)
       rec[key] = {**rec[key], 'params_sha256': sha}
     else:
       rec[key] = {'params_sha256': 's', 'teacher_sha256': study.teacher_sha256(root, seed)}
@@ -92,19 +108,15 @@ def test_study_trains_a_teacher_only_before_a_student_that_needs_it(tmp_path, mo
 def test_study_keeps_a_teacher_trained_again_to_the_same_parameters(tmp_path, monkeypatch, same):
   """A teacher whose workdir was gone runs again: the same parameters bit for bit keep its record
   (and the students that distilled it stay current); other parameters replace it."""
-  study = study_runner()
   record = {'teacher-s0': {'params_sha256': 'a', 'top1': 88.0, 'commit': 'old'},
             'kd-s0': {'top1': 86.0, 'teacher_sha256': 'a', 'commit': 'old'}}
 
-  def fake_call(cmd, **unused_kwargs):  # the teacher's run, ending with its summary
-    (tmp_path / 'teacher-s0' / 'summary.json').write_text(json.dumps(
-        {'eval': {'top1': 88.0 if same else 87.5}, 'wall_time_sec': 1.0,
-         'total_time_sec': 1.0, 'params_sha256': 'a' if same else 'b'}))
+  def fake_call(unused_cmd):  # the teacher's run, ending with its summary
+    write_summary(tmp_path / 'teacher-s0', eval={'top1': 88.0 if same else 87.5},
+                  params_sha256='a' if same else 'b')
     return 0
 
-  monkeypatch.setattr(study.subprocess, 'call', fake_call)
-  monkeypatch.setattr(study, 'commit', lambda: 'new')
-  monkeypatch.setattr(study, 'save_record', lambda rec: None)
+  study = offline_study_runner(monkeypatch, fake_call)
   study.run(str(tmp_path), 'teacher', 0, record)
   note = ' '.join(study.teacher_note(str(tmp_path), [0], record))
   if same:
@@ -123,28 +135,21 @@ def test_study_resumes_a_rerun_started_against_the_current_teacher(tmp_path, mon
   started against the current teacher ('a') is resumed (here it had finished, and only its record
   was missing); a folder started against another teacher, or by an older runner, is kept aside as
   stale and the run starts again."""
-  study = study_runner()
   record = {'teacher-s0': {'params_sha256': 'a', 'top1': 88.0, 'commit': 'old'},
             'kd-s0': {'top1': 86.0, 'teacher_sha256': 'x', 'commit': 'old'}}
-  (tmp_path / 'teacher-s0').mkdir()
-  (tmp_path / 'teacher-s0' / 'summary.json').write_text(json.dumps({'params_sha256': 'a'}))
+  write_summary(tmp_path / 'teacher-s0', params_sha256='a')
   student = tmp_path / 'kd-s0'
-  student.mkdir()
-  done = {'eval': {'top1': 86.5}, 'wall_time_sec': 1.0, 'total_time_sec': 1.0,
-          'params_sha256': 's'}
-  (student / 'summary.json').write_text(json.dumps(done))
-  if marker:
-    (student / study.STARTED_AGAINST).write_text(marker + '\n')
+  write_summary(student, eval={'top1': 86.5}, params_sha256='s')
   calls = []
 
-  def fake_call(cmd, **unused_kwargs):
+  def fake_call(cmd):
     calls.append(cmd)
-    (student / 'summary.json').write_text(json.dumps({**done, 'eval': {'top1': 86.7}}))
+    write_summary(student, eval={'top1': 86.7}, params_sha256='s')
     return 0
 
-  monkeypatch.setattr(study.subprocess, 'call', fake_call)
-  monkeypatch.setattr(study, 'commit', lambda: 'new')
-  monkeypatch.setattr(study, 'save_record', lambda rec: None)
+  study = offline_study_runner(monkeypatch, fake_call)
+  if marker:
+    (student / study.STARTED_AGAINST).write_text(marker + '\n')
   study.run(str(tmp_path), 'kd', 0, record)
   assert record['kd-s0']['teacher_sha256'] == 'a'
   assert study.is_current(record['kd-s0'], record, 'kd', 0)
