@@ -3,7 +3,7 @@
 
 Args (`configs/cifar100.py:k=v,...`): teacher, student, method (none | kd | any registered
 method, `+kd` adds KD to it; weights: configs/methods.py, with the per-pair values below), seed. The pairs of the
-benchmark table (AFD_SPEC.md): wrn40x2->wrn16x2, wrn40x2->wrn40x1, resnet56->resnet20,
+benchmark table (docs/method.md): wrn40x2->wrn16x2, wrn40x2->wrn40x1, resnet56->resnet20,
 resnet110->resnet20, resnet110->resnet32, resnet32x4->resnet8x4, vgg13->vgg8.
 
 1. Train the teacher (method=none trains `student` alone; `model=` says the same):

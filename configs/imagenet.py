@@ -1,6 +1,6 @@
 """ImageNet (TFDS `imagenet2012`, manual download): ResNet-34 -> ResNet-18 with AFD.
 
-Recipe (the independent port that reproduced the paper's 71.38 with 71.58, AFD_SPEC.md): 100
+Recipe (the independent port that reproduced the paper's 71.38 with 71.58, docs/method.md): 100
 epochs, global batch 256, SGD lr 0.1 (x0.1 after epochs 30, 60, 90), momentum 0.9, weight decay
 1e-4, beta 50; random-resized-crop 224 + flip, eval resize 256 / centre crop 224. Our choices
 where the spec is silent: CE weight 1 and no KD (set `--config.loss.kd_weight=0.9` to add it).

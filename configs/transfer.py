@@ -1,5 +1,5 @@
 """Transfer learning, ImageNet ResNet-34 -> ResNet-18 on CUB-200-2011, Stanford Dogs, MIT
-Indoor-67 or Stanford-40, with the ImageNet augmentations at 224x224 (AFD_SPEC.md).
+Indoor-67 or Stanford-40, with the ImageNet augmentations at 224x224 (docs/method.md).
 
 Args: dataset (cub | dogs | mit67 | stanford40), method (none | kd | afd | fitnet | at | sp[+kd]),
 model (fine-tune one model alone), seed.

@@ -1,4 +1,4 @@
-"""AFD against an independent NumPy re-statement of AFD_SPEC.md, on pairs and sizes that the
+"""AFD against an independent NumPy re-statement of docs/method.md, on pairs and sizes that the
 reference arrays do not cover (27 x 9 pairs, qk_dim 64, sizes that do not divide, up-sampling,
 interleaved teacher shapes); gradients against finite differences, in float64."""
 import math

@@ -288,7 +288,7 @@ def test_bad_features_get_a_clear_error(module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Layer choice from the model definitions (AFD_SPEC.md's tap tables; vgg: one tap per conv).
+# Layer choice from the model definitions (docs/method.md's tap tables; vgg: one tap per conv).
 
 EXPECTED_TAPS = {
     # name: (number of taps, stage-final taps, FitNet's default tap)

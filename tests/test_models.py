@@ -1,4 +1,4 @@
-"""The model zoo: names, tap counts and shapes (AFD_SPEC.md), parameter counts, batch norm."""
+"""The model zoo: names, tap counts and shapes (docs/method.md), parameter counts, batch norm."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +28,7 @@ def stage(count, c, h):
   return [(h, h, c)] * count
 
 
-# Taps at 32x32 (224x224 for the *im models), channels-last, from AFD_SPEC.md's table.
+# Taps at 32x32 (224x224 for the *im models), channels-last, from docs/method.md's table.
 EXPECTED_TAPS = {
     **{f'resnet{d}': stage(n, 16, 32) + stage(n, 32, 16) + stage(n, 64, 8)
        for d, n in [(8, 1), (14, 2), (20, 3), (32, 5), (44, 7), (56, 9)]},

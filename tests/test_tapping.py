@@ -11,7 +11,7 @@ from afd_jax import models, sharding, step
 from tests import byo_models, runs
 from tests.test_step import mesh_of, setup, tiny_task, toy_batch
 
-# Where 'auto' cannot give the zoo's hand-written taps (AFD_SPEC.md), and why.
+# Where 'auto' cannot give the zoo's hand-written taps (docs/method.md), and why.
 AUTO_DIFFERS = {
     # The spec taps every second block of resnet110 (tap_every=2): auto taps all 54 blocks.
     'resnet110': 'every_block',

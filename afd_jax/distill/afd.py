@@ -1,4 +1,4 @@
-"""Attention-based Feature Distillation (Ji, Heo and Park, AAAI 2021): the loss of AFD_SPEC.md.
+"""Attention-based Feature Distillation (Ji, Heo and Park, AAAI 2021): the loss of docs/method.md.
 
 A meta-network turns every teacher tap into a query and every student tap into a key; a
 per-sample softmax over student layers weighs the distance between every (teacher, student)

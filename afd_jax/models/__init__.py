@@ -2,7 +2,7 @@
 
 `module.apply(variables, images, train)` takes `B x H x W x C` images (any size and channel
 count the architecture admits) and returns float32 logits and a tuple of channels-last feature
-taps (see AFD_SPEC.md); `module.taps()` names them. Variables: `{'params', 'batch_stats'}`.
+taps (see docs/method.md); `module.taps()` names them. Variables: `{'params', 'batch_stats'}`.
 
 `name` is a zoo name (`names()`) or `'package.module:factory'`, a callable returning any linen
 module whose `__call__(images, train)` returns logits; its taps are found by `tapping.tap`.

@@ -16,7 +16,7 @@ interceptor (`nn.intercept_methods`) records every submodule call: its path, cla
   leaf layers never qualify) and are called at least twice, the class with the most calls; on a
   tie, the one nearer the root. Residual blocks, transformer encoder blocks and ConvNeXt blocks
   are found this way. A module with no such blocks that sows intermediates (an NNX model
-  through the bridge is one linen module) is tapped at what it sows. On afd_jax's zoo this gives exactly the taps of AFD_SPEC.md for the CIFAR
+  through the bridge is one linen module) is tapped at what it sows. On afd_jax's zoo this gives exactly the taps of docs/method.md for the CIFAR
   and ImageNet ResNets except resnet110 (the spec taps every second block; auto taps all 54).
   For the WRNs auto taps the blocks' raw outputs, where the spec taps ReLU(BN(.)) of them (the
   same count and shapes), and VGG has no blocks (use patterns, e.g. `'block*_bn*'`).

@@ -77,7 +77,7 @@ def build(off, name: str, num_classes: int) -> torch.nn.Module:
 
 
 def tap_indices(off, name: str, num_feats: int) -> list:
-  """Indices of the taps (AFD_SPEC.md) in the official `is_feat` list."""
+  """Indices of the taps (docs/method.md) in the official `is_feat` list."""
   if name in off.LAYER:
     return [int(i) for i in off.LAYER[name]]
   if name == 'vgg8':
