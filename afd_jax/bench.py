@@ -26,9 +26,12 @@ import numpy as np
 
 from afd_jax import cli, collectives, distill, models, sharding, step
 
-METHODS = ('ce', 'kd') + distill.METHODS[1:]  # ce: the student alone; then the registry's
 DTYPES = step.DTYPES
-FEATURE_METHODS = tuple(m for m in distill.METHODS if m != 'none')  # timed next to kd
+
+
+def method_names():
+  """ce (the student alone), kd, then every registered method (read now: a fork's too)."""
+  return ('ce', 'kd') + distill.registry.registered()
 
 
 def namespace(d):
@@ -45,7 +48,7 @@ def bench_config(method: str, teacher: str, student: str, qk_dim: int = 128,
   Every method is timed with KD 0.9 on top, like afd (most run without KD in their own
   recipes), so that each method's ratio to kd is the cost of its own loss alone. AB and FSP
   (weight 0 in the main stage) then cost what kd does: their cost is their own stage."""
-  known = ('ce', 'kd') + distill.registry.names()[1:]  # methods registered since import too
+  known = method_names()
   if method not in known:
     raise ValueError(f'Unknown method {method!r}. Known methods: {", ".join(known)}.')
   feature = method if method not in ('ce', 'kd') else 'none'
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
                              "taps; auto for a factory)")
     parser.add_argument(f'--{side}-kwargs', default='', help='JSON keyword arguments of a factory')
   parser.add_argument('--method', default='all',
-                      help=f'all (= ce,kd,afd) or a comma-separated list of {",".join(METHODS)}')
+                      help=f'all (= ce,kd,afd) or a comma-separated list of {",".join(method_names())}')
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--dtype', default='float32', choices=tuple(DTYPES))
   parser.add_argument('--teacher-dtype', default='', choices=('',) + tuple(DTYPES),
@@ -208,9 +211,9 @@ def main(argv=None) -> int:
   if args.batch % mesh.shape[sharding.DATA]:
     parser.error(f'--batch {args.batch} must divide by the {mesh.shape[sharding.DATA]} devices')
   methods = ('ce', 'kd', 'afd') if args.method == 'all' else tuple(args.method.split(','))
-  unknown = [m for m in methods if m not in METHODS]
+  unknown = [m for m in methods if m not in method_names()]
   if unknown:
-    parser.error(f'unknown method(s) {unknown}; choose from all, {", ".join(METHODS)}')
+    parser.error(f'unknown method(s) {unknown}; choose from all, {", ".join(method_names())}')
   try:  # the models' taps (patterns that match nothing, a token grid that cannot be known)
     step.task_from_config(bench_config('kd', args.teacher, args.student, args.qk_dim,
                                        model_options(args, 'teacher'),
@@ -238,7 +241,7 @@ def main(argv=None) -> int:
       a, b = case.first_step_metrics(), twin.first_step_metrics()
       result[f'first_step_vs_{other}'] = {
           k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12)
-          for k in ('loss', 'ce', 'kd') + FEATURE_METHODS if k in a}
+          for k in ('loss', 'ce', 'kd') + distill.registry.registered() if k in a}
   report = {'device': f'{jax.devices()[0].device_kind} x {jax.device_count()}',
             'backend': jax.default_backend(), 'teacher': args.teacher, 'student': args.student,
             'batch': args.batch, 'dtype': args.dtype, 'image_size': args.image_size,
@@ -251,7 +254,7 @@ def main(argv=None) -> int:
         r['method']: r['median_step_ms'] / g['median_step_ms']
         for r, g in zip(results, report['global_bn_results'])}
   by = {r['method']: r['median_step_ms'] for r in results}
-  for m in FEATURE_METHODS:
+  for m in distill.registry.registered():
     if m in by and 'kd' in by:
       report[f'{m}_over_kd'] = by[m] / by['kd']
   if 'kd' in by and 'ce' in by:
@@ -272,7 +275,7 @@ def main(argv=None) -> int:
           f'{total["count"]:11d} {total["bytes"] / 1e6:7.2f}')
   if report['peak_memory_bytes']:
     print(f'peak device memory: {report["peak_memory_bytes"] / 2**30:.2f} GiB')
-  for key in [f'{m}_over_kd' for m in FEATURE_METHODS] + ['kd_over_ce']:
+  for key in [f'{m}_over_kd' for m in distill.registry.registered()] + ['kd_over_ce']:
     if key in report:
       print(f'{key.replace("_over_", "/")}: {report[key]:.3f}')
   for r in report.get('global_bn_results', ()):

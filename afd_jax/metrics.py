@@ -9,8 +9,6 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-SCALARS_SKIP = ('attention',)
-
 
 class Writer:
   """TensorBoard events under `workdir` and console lines, written by process 0 only."""

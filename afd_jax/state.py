@@ -20,9 +20,15 @@ class TrainState:
   rng: jax.Array
 
 
+def variables_of(part: str, params: Dict[str, Any], batch_stats: Dict[str, Any]):
+  """The linen variables of `part` ('student' or 'distiller') from the state's (or a step's
+  differentiated) `params` and `batch_stats`."""
+  return {'params': params[part], 'batch_stats': batch_stats[part]}
+
+
 def student_variables(state: TrainState) -> Dict[str, Any]:
-  return {'params': state.params['student'], 'batch_stats': state.batch_stats['student']}
+  return variables_of('student', state.params, state.batch_stats)
 
 
 def distiller_variables(state: TrainState) -> Dict[str, Any]:
-  return {'params': state.params['distiller'], 'batch_stats': state.batch_stats['distiller']}
+  return variables_of('distiller', state.params, state.batch_stats)

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from afd_jax import distill, layers, models, optim, sharding
 from afd_jax.distill import cross_entropy, kd_loss
-from afd_jax.state import TrainState
+from afd_jax.state import TrainState, variables_of
 
 Batch = Dict[str, jax.Array]
 # Activation dtypes by their config names (`config.dtype`, `config.teacher.dtype`).
@@ -65,6 +65,13 @@ class Task:
   @property
   def pretrain_steps(self) -> int:
     return self.pretrain.steps if self.pretrain is not None else 0
+
+  @property
+  def attention(self) -> bool:
+    """Is the distiller's aux a `B x T x S` attention (`Method.attention` of `feature_name`)?"""
+    registered = distill.registry.registered()
+    return (self.distiller is not None and self.feature_name in registered
+            and distill.registry.get(self.feature_name).attention)
 
   def needs(self, *inputs: str) -> bool:
     return any(i in self.distiller_inputs for i in inputs)
@@ -264,7 +271,7 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
     def loss_fn(params):
       with layers.batch_norm_groups(task.bn_group_size):
         (logits, s_feats, s_embedding), s_updates = _forward(
-            task.student, {'params': params['student'], 'batch_stats': state.batch_stats['student']},
+            task.student, variables_of('student', params, state.batch_stats),
             images, True, embed, mutable=['batch_stats'], rngs={'dropout': rng})
       terms = {'ce': cross_entropy(logits, labels)}
       if task.nan_at_step > 0:
@@ -281,7 +288,7 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
                                   batch=batch, step=state.step, rng=jax.random.fold_in(rng, 1))
         with layers.batch_norm_groups(task.bn_group_size):
           (feature_loss, aux), d_updates = task.distiller.apply(
-              {'params': params['distiller'], 'batch_stats': state.batch_stats['distiller']},
+              variables_of('distiller', params, state.batch_stats),
               s_feats, t_feats, train=True, mutable=['batch_stats'], **inputs)
         stats['distiller'] = d_updates.get('batch_stats', {})
         terms[task.feature_name] = feature_loss
@@ -300,7 +307,7 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
     metrics = {**terms, 'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'top1': jnp.mean(jnp.argmax(logits, -1) == labels),
                'learning_rate': task.schedule(state.step)}
-    if isinstance(aux, jax.Array) and aux.ndim == 3:  # AFD: B x T x S attention
+    if task.attention and aux is not None:  # B x T x S: its batch mean is logged and plotted
       metrics['attention'] = jnp.mean(aux, axis=0)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
                               opt_state=opt_state)
@@ -349,7 +356,7 @@ def make_pretrain_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[T
         _forward(task.teacher, teacher_vars, images, False, embed))
 
     def loss_fn(params):
-      student_vars = {'params': params['student'], 'batch_stats': state.batch_stats['student']}
+      student_vars = variables_of('student', params, state.batch_stats)
       with layers.batch_norm_groups(task.bn_group_size):
         (logits, s_feats, s_embedding), s_updates = _forward(
             task.student, student_vars, images, train_student, embed, mutable=['batch_stats'],
@@ -358,7 +365,7 @@ def make_pretrain_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[T
                                   student_embedding=s_embedding, teacher_embedding=t_embedding,
                                   batch=batch, step=state.step, rng=jax.random.fold_in(rng, 1))
         (loss, _), d_updates = task.distiller.apply(
-            {'params': params['distiller'], 'batch_stats': state.batch_stats['distiller']},
+            variables_of('distiller', params, state.batch_stats),
             s_feats, t_feats, train=True, mutable=['batch_stats'], method=pre.method, **inputs)
       stats = {'student': s_updates['batch_stats'] if train_student else state.batch_stats['student'],
                'distiller': d_updates.get('batch_stats', {})}

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from afd_jax import checkpoint, data, distill, metrics, models, sharding, step, workdir_lock
 from afd_jax.errors import UserError, warn
+from afd_jax.state import student_variables
 
 DTYPES = step.DTYPES
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, a checkpoint was saved; rerun to resume.
@@ -298,9 +299,8 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
       epoch = done // steps_per_epoch
       save_metrics = None
       if epoch_end and (epoch % config.eval_every_epochs == 0 or done == total_steps):
-        eval_metrics = evaluate(eval_student, {'params': state.params['student'],
-                                               'batch_stats': state.batch_stats['student']},
-                                config, info, mesh)
+        eval_metrics = evaluate(eval_student, student_variables(state), config, info,
+                                mesh)
         save_metrics = {'top1': eval_metrics['top1']}
         writer.scalars(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
         writer.console(f'eval at step {done}: top1 {eval_metrics["top1"]:.2f} '
@@ -316,9 +316,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
         writer.console(f'preemption notice: saved step {done}; rerun the same command to resume.')
         break
     if status == 'finished' and eval_metrics is None:  # resumed at the end: evaluate once
-      eval_metrics = evaluate(eval_student, {'params': state.params['student'],
-                                             'batch_stats': state.batch_stats['student']},
-                              config, info, mesh)
+      eval_metrics = evaluate(eval_student, student_variables(state), config, info, mesh)
   finally:
     train_iter = None  # Close the input pipeline now, not at interpreter exit.
     # Each is closed even where another raises, in reverse order: the SIGTERM handler last, so

@@ -22,6 +22,7 @@ from absl import flags, logging
 
 from afd_jax import checkpoint, cli, data, distill, sharding, step, train, viz
 from afd_jax.errors import UserError
+from afd_jax.state import distiller_variables, student_variables
 
 
 
@@ -41,8 +42,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   if config.method not in distill.registry.with_attention():  # AFD, SemCKD
-    raise UserError(f'{workdir} is a {config.method!r} run; attention exists for method afd only, '
-                    f'and for the other methods that learn layer links: '
+    raise UserError(f'{workdir} is a {config.method!r} run; only the methods that learn layer '
+                    f'links have an attention to draw: '
                     f'{", ".join(distill.registry.with_attention())}.')
   return config
 
@@ -55,9 +56,10 @@ def saved_attention(workdir: str):
   return np.load(files[-1]), int(os.path.basename(files[-1])[:-4])
 
 
-def tap_names(workdir: str, config):
-  """(teacher, student) names of the attention's rows and columns: the taps saved beside the
-  attention (else the zoo's models'), those the method links (`viz.link_labels`)."""
+def tap_names(workdir: str, config, shape):
+  """(teacher, student) names of the rows and columns of an attention of `shape`: the taps
+  saved beside the attention (else the zoo's models'); where the attention links a subset of
+  them (SemCKD's stage-final taps), the subset the distiller names (`viz.link_labels`)."""
   path = os.path.join(workdir, 'attention', 'taps.json')
   task = None
   if os.path.exists(path):
@@ -68,7 +70,7 @@ def tap_names(workdir: str, config):
     task = step.task_from_config(config, 1, 1)
     t_names = [t.name for t in task.teacher.taps()]
     s_names = [t.name for t in task.student.taps()]
-  if config.method == 'afd':  # every tap
+  if tuple(shape) == (len(t_names), len(s_names)):  # every tap
     return t_names, s_names
   task = task or step.task_from_config(config, 1, 1)
   return viz.link_labels(task.distiller, t_names, s_names)
@@ -106,12 +108,9 @@ def checkpoint_attention(workdir: str, config):
   @jax.jit
   def attention_sum(state, teacher_vars, batch):
     _, t_feats = task.teacher.apply(teacher_vars, batch['image'], train=False)
-    _, s_feats = task.student.apply({'params': state.params['student'],
-                                     'batch_stats': state.batch_stats['student']},
-                                    batch['image'], train=False)
+    _, s_feats = task.student.apply(student_variables(state), batch['image'], train=False)
     attention = distiller_attention(task.distiller,
-                                    {'params': state.params['distiller'],
-                                     'batch_stats': state.batch_stats['distiller']},
+                                    distiller_variables(state),
                                     s_feats, t_feats)
     return jnp.einsum('b,bts->ts', batch['mask'], attention), jnp.sum(batch['mask'])
 
@@ -139,7 +138,7 @@ def main(argv):
     else:
       attention, step_count = saved_attention(workdir)
       source = f'saved at step {step_count}'
-      t_names, s_names = tap_names(workdir, config)
+      t_names, s_names = tap_names(workdir, config, np.shape(attention))
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -84,7 +84,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.fitnet.relu = True           # regressor 1x1 conv -> BN -> ReLU, as CRD's ConvReg
 
   # Every other registered method's own settings, at their defaults (Method.options).
-  for name in registry.names()[1:]:
+  for name in registry.registered():
     options = registry.get(name).options
     if options and name not in c:
       c[name] = ml_collections.ConfigDict(dict(options))

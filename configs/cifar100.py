@@ -2,7 +2,7 @@
 210), weight decay 5e-4, crop + flip; AFD: CE + 0.9 KD (T 4) + 200 L_AFD, qk_dim 128.
 
 Args (`configs/cifar100.py:k=v,...`): teacher, student, method (none | kd | any registered
-method, `+kd` adds KD to it; weights: configs/methods.py, with the per-pair values below), seed. The pairs of the
+method, `+kd` adds KD to it; weights: configs/methods.py, per-pair values: each method's `recipes`), seed. The pairs of the
 benchmark table (docs/method.md): wrn40x2->wrn16x2, wrn40x2->wrn40x1, resnet56->resnet20,
 resnet110->resnet20, resnet110->resnet32, resnet32x4->resnet8x4, vgg13->vgg8.
 
@@ -22,15 +22,6 @@ from configs.base import parse_arg
 PAIRS = (('wrn40x2', 'wrn16x2'), ('wrn40x2', 'wrn40x1'), ('resnet56', 'resnet20'),
          ('resnet110', 'resnet20'), ('resnet110', 'resnet32'), ('resnet32x4', 'resnet8x4'),
          ('vgg13', 'vgg8'))
-# Per-pair settings of the methods' own CIFAR-100 recipes, where they differ from the defaults:
-# DKD's beta (mdistiller configs/cifar100/dkd/<pair>.yaml:19; others keep cfg.py's 8) and
-# ReviewKD's weight (ReviewKD CIFAR-100/script/reviewKD.sh:13,15; others keep 5).
-DKD_BETA = {('wrn40x2', 'wrn16x2'): 6.0, ('wrn40x2', 'wrn40x1'): 6.0, ('resnet56', 'resnet20'): 2.0,
-            ('resnet110', 'resnet32'): 2.0, ('vgg13', 'vgg8'): 6.0}
-REVIEWKD_WEIGHT = {('resnet56', 'resnet20'): 0.6, ('resnet110', 'resnet32'): 1.0}
-# FT's paraphraser stage: lr 0.01 for the benchmark's ResNet/WRN students (ft.py's default),
-# else the main rate (RepDistiller helper/pretrain.py): the VGG student.
-FT_PRETRAIN_LR = {'vgg8': 0.05, 'vgg13': 0.05}
 DEFAULTS = {'teacher': 'wrn40x2', 'student': 'wrn16x2', 'method': 'afd', 'seed': '0', 'model': ''}
 
 
@@ -47,13 +38,9 @@ def get_config(arg: str = ''):
   c.optimizer.learning_rate, c.optimizer.weight_decay = 0.05, 5e-4
   c.optimizer.decay_epochs = (150, 180, 210)
   c.log_every_steps = 200
-  pair = (a['teacher'], a['student'])
-  if c.method == 'dkd' and pair in DKD_BETA:
-    c.dkd.beta = DKD_BETA[pair]
-  if c.method == 'reviewkd' and pair in REVIEWKD_WEIGHT:
-    c.loss.feature_weight = REVIEWKD_WEIGHT[pair]
-  if c.method == 'ft' and a['student'] in FT_PRETRAIN_LR:
-    c.pretrain.learning_rate = FT_PRETRAIN_LR[a['student']]
+  # Per-pair settings of the methods' own CIFAR-100 recipes (DKD's beta, ReviewKD's weight,
+  # FT's stage rate for VGG students): each method's registration (`recipes`).
+  methods.apply_recipe(c, 'cifar100')
   distilled = c.method != 'none' or c.loss.kd_weight > 0
   c.name = (f'cifar100-{a["teacher"]}-{a["student"]}-{a["method"]}' if distilled
             else f'cifar100-{a["student"]}')

@@ -22,9 +22,6 @@ DEFAULTS = {'method': 'afd', 'seed': '0', 'model': ''}
 def get_config(arg: str = ''):
   a = parse_arg(arg, DEFAULTS, 'imagenet.py')
   c = methods.get_config('none' if a['model'] else a['method'])
-  if c.method == 'afd':
-    c.loss.kd_weight = 0.0
-  c.loss.feature_weight = 50.0 if c.method == 'afd' else c.loss.feature_weight
   c.seed = int(a['seed'])
   c.dataset.name = 'imagenet2012'
   c.dataset.eval_split = 'validation'
@@ -39,5 +36,6 @@ def get_config(arg: str = ''):
   c.optimizer.decay_epochs = (31, 61, 91)  # 1-based: x0.1 after 30, 60 and 90 epochs
   c.log_every_steps = 500
   c.checkpoint_every_steps = 2000
+  methods.apply_recipe(c, 'imagenet')  # AFD: beta 50, no KD (its registration's `recipes`)
   c.name = f'imagenet-{c.student.name}' + ('' if a['model'] else f'-{a["method"]}')
   return c

@@ -27,7 +27,7 @@ feature method's come from its registration in afd_jax/distill/, with their sour
 
 AB and FSP train only in their own stage before the main training (`config.pretrain.*`, the
 CRD benchmark's `init_epochs`); their main-stage weight 0 is the benchmark's (helper/loops.py).
-Per-pair values of DKD's beta and ReviewKD's weight: configs/cifar100.py.
+Per-pair values of DKD's beta and ReviewKD's weight: their registrations' `recipes`.
 
 `kd_weight=` adds KD on top of any method (CRD's `-a`; e.g. `set_method(c, 'at', kd_weight=0.9)`
 compares AT with AFD's recipe on equal terms). As a config file:
@@ -55,7 +55,7 @@ def logit_weights(method: str):
 
 def choices():
   """Every method name `set_method` takes."""
-  return tuple(_BASELINES) + registry.names()[1:]
+  return tuple(_BASELINES) + registry.registered()
 
 
 def set_method(config, method: str, kd_weight=None):
@@ -71,6 +71,22 @@ def set_method(config, method: str, kd_weight=None):
   config.loss.kd_temperature = KD_TEMPERATURE
   config.loss.feature_weight = (registry.get(config.method).feature_weight
                                 if config.method != 'none' else 0.0)
+  return config
+
+
+def apply_recipe(config, family: str):
+  """Sets what the method's own recipe for `family` (e.g. 'cifar100') changes for the
+  config's (teacher, student) pair (`Method.recipes`); the student alone and KD have none.
+  Returns `config`."""
+  if config.method == 'none':
+    return config
+  settings = registry.get(config.method).recipe(family, config.teacher.name, config.student.name)
+  for key, value in settings.items():
+    *sections, leaf = key.split('.')
+    target = config
+    for section in sections:
+      target = getattr(target, section)
+    setattr(target, leaf, value)
   return config
 
 

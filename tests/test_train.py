@@ -1,4 +1,6 @@
-"""The training loop end to end on `digits`: summary, metrics, multi-host equivalence, CLI errors."""
+"""The training loop end to end on `digits`: summary, metrics and checkpoints, resume from
+another workdir to the straight run's state, two processes equal to one, CLI errors, and the
+attention plot redrawn (or refused for a run without one)."""
 import os
 import subprocess
 import sys
@@ -132,5 +134,5 @@ def test_visualize_redraws_the_attention_plot(afd_run, tmp_path):
 def test_visualize_refuses_a_run_without_attention(digits_data_dir, tmp_path):
   config = runs.tiny_config(digits_data_dir, run='student', num_train_steps=1)
   train.train_and_evaluate(config, str(tmp_path))
-  with pytest.raises(UserError, match="'none' run; attention exists for method afd only"):
+  with pytest.raises(UserError, match="'none' run; only the methods that learn layer links"):
     visualize.load_config(str(tmp_path))

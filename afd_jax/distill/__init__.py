@@ -24,9 +24,17 @@ from afd_jax.distill.sp import SP
 for _module in pkgutil.iter_modules(__path__):  # methods in files of their own register here
   importlib.import_module(f'{__name__}.{_module.name}')
 
-METHODS = registry.names()
-# The weight of each method's feature loss (`config.loss.feature_weight`), from its registration.
-DEFAULT_FEATURE_WEIGHT = {name: registry.get(name).feature_weight for name in METHODS[1:]}
+
+
+def __getattr__(name: str):
+  """`METHODS` ('none' and every method) and `DEFAULT_FEATURE_WEIGHT` (each method's
+  `config.loss.feature_weight`), read from the registry when asked for, so that methods
+  registered after import (a research fork's own file) are in them too."""
+  if name == 'METHODS':
+    return registry.names()
+  if name == 'DEFAULT_FEATURE_WEIGHT':
+    return {m: registry.get(m).feature_weight for m in registry.registered()}
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def create(method: str, config, student_taps: Sequence, teacher_taps: Sequence,

@@ -201,4 +201,6 @@ registry.register(registry.Method(
     'afd', build=lambda config, setting: AFD(qk_dim=config.afd.qk_dim),
     feature_weight=200.0, logit_weights=(1.0, 0.9),
     taps='every tap of both models: all (teacher, student) pairs, weighed by the attention',
-    source='the official AFD recipe (KD 0.9 at T 4, beta 200)', attention=True))
+    source='the official AFD recipe (KD 0.9 at T 4, beta 200)', attention=True,
+    # ImageNet: the independent port's recipe (docs/method.md): beta 50, no KD.
+    recipes={'imagenet': {('*', '*'): {'loss.feature_weight': 50.0, 'loss.kd_weight': 0.0}}}))

@@ -112,4 +112,8 @@ registry.register(registry.Method(
     source='mdistiller: mdistiller/engine/cfg.py:163-167 (CE 1, alpha 1, beta 8, T 4, warm-up '
            '20 epochs), beta per pair in configs/cifar100/dkd/*.yaml:19 (configs/cifar100.py); '
            'CE + DKD, the warm-up inside the DKD term',
-    options={'alpha': ALPHA, 'beta': BETA, 'temperature': TEMPERATURE, 'warmup': float(WARMUP)}))
+    options={'alpha': ALPHA, 'beta': BETA, 'temperature': TEMPERATURE, 'warmup': float(WARMUP)},
+    # beta per CIFAR-100 pair: mdistiller configs/cifar100/dkd/<pair>.yaml:19 (others keep 8).
+    recipes={'cifar100': {(t, s): {'dkd.beta': beta} for (t, s), beta in {
+        ('wrn40x2', 'wrn16x2'): 6.0, ('wrn40x2', 'wrn40x1'): 6.0, ('resnet56', 'resnet20'): 2.0,
+        ('resnet110', 'resnet32'): 2.0, ('vgg13', 'vgg8'): 6.0}.items()}}))

@@ -94,6 +94,22 @@ class Method:
   # The builder gets `Setting.train_labels` (the trainer reads the split's labels once, before
   # training): per-example state that must know every label from the first step (CRD).
   needs_train_labels: bool = False
+  # Settings of the method's own recipe for an experiment family that differ from its defaults,
+  # per (teacher, student) pair ('*' matches any model): {family: {(teacher, student):
+  # {'dotted.config.key': value}}}; applied by the family's config (`configs.methods.
+  # apply_recipe`), e.g. DKD's beta per CIFAR-100 pair.
+  recipes: Mapping[str, Mapping[Tuple[str, str], Mapping[str, Any]]] = dataclasses.field(
+      default_factory=dict)
+
+  def recipe(self, family: str, teacher: str, student: str) -> Dict[str, Any]:
+    """The settings of `recipes[family]` that apply to (teacher, student); exact pairs win over
+    '*' ones."""
+    pairs = self.recipes.get(family, {})
+    found: Dict[str, Any] = {}
+    for (t, s), values in sorted(pairs.items(), key=lambda kv: kv[0].count('*'), reverse=True):
+      if t in ('*', teacher) and s in ('*', student):
+        found.update(values)
+    return found
 
   def __post_init__(self):
     unknown = [i for i in self.inputs if i not in INPUTS]
@@ -110,9 +126,15 @@ class Method:
 _METHODS: Dict[str, Method] = {}
 
 
+RESERVED = {'none': 'the student alone (no feature loss)', 'kd': 'Hinton KD on logits alone'}
+
+
 def register(method: Method) -> Method:
-  """Adds `method`; a second method of the same name is an error."""
-  if method.name in _METHODS or method.name in ('none', 'kd'):
+  """Adds `method`; a second method of the same name, or a reserved name, is an error."""
+  if method.name in RESERVED:
+    raise ValueError(f'{method.name!r} is a reserved method name ({RESERVED[method.name]}); '
+                     'register the method under another name.')
+  if method.name in _METHODS:
     raise ValueError(f'a distillation method named {method.name!r} is already registered.')
   _METHODS[method.name] = method
   return method
@@ -123,9 +145,14 @@ def with_attention() -> Tuple[str, ...]:
   return tuple(name for name, m in _METHODS.items() if m.attention)
 
 
+def registered() -> Tuple[str, ...]:
+  """Every registered method (each has a feature loss), in registration order."""
+  return tuple(_METHODS)
+
+
 def names() -> Tuple[str, ...]:
   """'none' (no feature loss) and every registered method, in registration order."""
-  return ('none',) + tuple(_METHODS)
+  return ('none',) + registered()
 
 
 def get(name: str) -> Method:

@@ -179,4 +179,6 @@ registry.register(registry.Method(
     source='ReviewKD CIFAR-100: script/reviewKD.sh:1,7 (--kd-loss-weight 5.0; 0.6 for '
            'resnet56->resnet20 :13, 1.0 for resnet110->resnet32 :15), train.py:50 (warm-up 20 '
            'epochs), train.py:59 (CE 1), no KL',
-    options={'warmup': WARMUP}))  # epochs; 0: no warm-up
+    options={'warmup': WARMUP},  # epochs; 0: no warm-up
+    recipes={'cifar100': {('resnet56', 'resnet20'): {'loss.feature_weight': 0.6},
+                          ('resnet110', 'resnet32'): {'loss.feature_weight': 1.0}}}))
