@@ -1,10 +1,11 @@
 """FitNet hints (Romero et al., ICLR 2015), single stage, as the CRD benchmark runs it.
 
-One student tap (the guided layer) is regressed onto one teacher tap (the hint) through a
-learned 1x1 convolution + batch norm (+ ReLU, as CRD's `ConvReg`); the loss is the mean squared
-error over every element (`nn.MSELoss`).
+One student tap (the guided layer) is regressed onto one teacher tap (the hint) through CRD's
+`ConvReg` (HobbitLong/RepDistiller `models/util.py`): a convolution to the teacher's channels and
+size, batch norm, ReLU; the loss is the mean squared error over every element (`nn.MSELoss`,
+`distiller_zoo/FitNet.py`). tests/test_parity_classic.py checks it against that code.
 """
-from typing import Sequence
+from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 
 from afd_jax.distill import registry
 from afd_jax.distill.at import check_index, pool_nhwc
-from afd_jax.layers import BatchNorm, at_least_f32, check_feature_pair, conv, linear_kernel_init
+from afd_jax.layers import BatchNorm, at_least_f32, check_feature_pair, linear_kernel_init
 from afd_jax.taps import Tap, stage_final
 
 
@@ -43,14 +44,56 @@ def resolve_tap(index: int, taps: Sequence[Tap], what: str) -> int:
   return int(index)
 
 
+# PyTorch's ConvTranspose2d init on its equivalent convolution's HWIO kernel: the fan is out*K*K.
+transposed_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_out', 'uniform')
+
+
+def conv_reg(s_hw: Tuple[int, int], t_hw: Tuple[int, int]) -> Optional[dict]:
+  """The convolution of CRD's `ConvReg(s_shape, t_shape)` as `nn.Conv` keyword arguments, chosen
+  by the heights as there; None where ConvReg has none (it raises) or where its output would not
+  have the teacher's size.
+
+  `s_H = 2 t_H`: 3x3, stride 2, padding 1. `2 s_H = t_H`: a 4x4, stride 2, padding 1
+  ConvTranspose2d, computed as its equivalent convolution (input dilated by 2, padded by 2, the
+  kernel stored spatially flipped in HWIO, as `layers.TorchConvTranspose`). Otherwise, if
+  `s >= t`: a valid convolution of kernel `(1 + s_H - t_H, 1 + s_W - t_W)` (1x1 for equal sizes).
+  PyTorch's default inits; no bias (see `FitNet`).
+  """
+  (s_h, s_w), (t_h, t_w) = s_hw, t_hw
+  if s_h == 2 * t_h:
+    out = ((s_h - 1) // 2 + 1, (s_w - 1) // 2 + 1)
+    spec = dict(kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                kernel_init=linear_kernel_init)
+  elif 2 * s_h == t_h:
+    out = (2 * s_h, 2 * s_w)
+    spec = dict(kernel_size=(4, 4), padding=((2, 2), (2, 2)), input_dilation=(2, 2),
+                kernel_init=transposed_kernel_init)
+  elif s_h >= t_h and s_w >= t_w:
+    out = (t_h, t_w)
+    spec = dict(kernel_size=(1 + s_h - t_h, 1 + s_w - t_w), padding=((0, 0), (0, 0)),
+                kernel_init=linear_kernel_init)
+  else:
+    return None
+  return spec if out == (t_h, t_w) else None
+
+
 class FitNet(nn.Module):
-  """The hint loss: `mean((BN(conv1x1(s)) - t) ** 2)` over batch, positions and channels.
+  """The hint loss: `mean((ReLU(BN(conv(s))) - t) ** 2)` over batch, positions and channels.
 
   `apply(variables, student_features, teacher_features, train, mutable=['batch_stats'])`
   returns `((loss, None), updates)`; `loss` is before the feature weight. Teacher features are
-  constants. When the two maps' spatial sizes differ, the student map is adaptive-average-pooled
-  to the teacher's size before the regressor (CRD uses a strided or transposed convolution
-  instead). Statistics and loss are computed in float32 (or wider).
+  constants. Statistics and loss are computed in float32 (or wider).
+
+  `conv` is ConvReg's (`conv_reg`), except in two ways:
+  - No bias. A train-mode batch norm subtracts the batch mean, so the loss and every gradient
+    are those of ConvReg with any bias (the bias's own gradient is zero). The one trace a bias
+    leaves is in the running mean, read in eval mode only: ConvReg's tracks the bias too (one
+    step from the same state, it is `momentum * bias` larger), so that in eval mode the bias
+    is subtracted again. Without it the parameters of equal-size maps (`conv/kernel`, 1x1, and
+    `bn`) are those of earlier versions.
+  - Where ConvReg has no convolution (a student map smaller than the teacher's but not half its
+    size, or sizes whose widths do not follow the heights' rule), the student map is
+    adaptive-average-pooled to the teacher's size and a 1x1 convolution follows.
 
   Attributes:
     student_tap, teacher_tap: indices into the feature lists.
@@ -68,9 +111,13 @@ class FitNet(nn.Module):
     check_index(self.student_tap, student_features, 'student_tap')
     check_index(self.teacher_tap, teacher_features, 'teacher_tap')
     f_t = jax.lax.stop_gradient(at_least_f32(teacher_features[self.teacher_tap]))
-    f_s = pool_nhwc(at_least_f32(student_features[self.student_tap]), f_t.shape[1:3])
-    # A bias before batch norm would be cancelled by it; PyTorch's default conv init.
-    x = conv(f_t.shape[-1], 1, padding=0, kernel_init=linear_kernel_init, name='conv')(f_s)
+    f_s = at_least_f32(student_features[self.student_tap])
+    t_hw = tuple(f_t.shape[1:3])
+    spec = conv_reg(tuple(f_s.shape[1:3]), t_hw)
+    if spec is None:
+      f_s = pool_nhwc(f_s, t_hw)
+      spec = conv_reg(t_hw, t_hw)  # 1x1
+    x = nn.Conv(f_t.shape[-1], use_bias=False, name='conv', **spec)(f_s)
     x = BatchNorm(name='bn')(x, train)
     if self.relu:
       x = nn.relu(x)
