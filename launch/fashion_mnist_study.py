@@ -315,8 +315,8 @@ def report(root, seeds, record):
          'only.', '']
         if any('†' in r for r in rows) else []),
       *teacher_note(root, seeds, record),
-      f'Total wall time of the runs: {total / 3600:.2f} h on a 2-core CPU (compilation, evaluation '
-      'and checkpoints included).',
+      f'Total wall time of the runs: {total / 3600:.2f} h on a 2-core x86-64 VM (XLA CPU, float32; '
+      'compilation, evaluation and checkpoints included). The discussion below dates each row.',
       '',
       'Reproduce (runs or resumes every run, then rewrites this file):',
       '',
