@@ -1,6 +1,7 @@
 """AFD against an independent NumPy re-statement of docs/method.md, on pairs and sizes that the
 reference arrays do not cover (27 x 9 pairs, qk_dim 64, sizes that do not divide, up-sampling,
-interleaved teacher shapes); gradients against finite differences, in float64."""
+interleaved teacher shapes), in float64; gradients against finite differences; float32 against
+float64; inference mode on the running statistics; adaptive pooling as PyTorch's; refusals."""
 import math
 
 import jax

@@ -1,6 +1,7 @@
 """Checkpointing and fault tolerance: round trip; one run per workdir, then exact resume after
 SIGKILL of its holder; SIGTERM and a save killed mid-write; the divergence guard; teachers from
-checkpoints; bad input losing nothing."""
+checkpoints; bad input losing nothing; a student initialised from a checkpoint of another class
+count; keeping the latest and the best; a model from a test file trained with 'auto' taps."""
 import json
 import logging
 import os

@@ -1,4 +1,6 @@
-"""Every config file builds, for every argument it documents, and passes the trainer's checks."""
+"""Every config file builds, for every argument it documents, and passes the trainer's checks;
+every benchmark pair and method is covered, the methods' weights and the schedule follow the
+documented recipes, and bad arguments are refused clearly."""
 import importlib
 import itertools
 

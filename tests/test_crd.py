@@ -111,7 +111,8 @@ def test_negatives_are_other_classes_drawn_uniformly():
   idx = np.asarray(draw(jax.random.PRNGKey(1), table, labels, 7))
   assert all(len(set(row)) == 7 and (np.asarray(table)[row] != c).all()
              for row, c in zip(idx, labels))
-  np.testing.assert_array_equal(idx, draw(jax.random.PRNGKey(1), table, labels, 7))
+  # The key decides the draw: another key (the next step's), other negatives.
+  assert not np.array_equal(idx, draw(jax.random.PRNGKey(4), table, labels, 7))
   # k > 20: with replacement, uniform over the 20 (chi-square over 40 rows x 50 draws).
   many = jnp.zeros(40, jnp.int32)
   idx = np.asarray(draw(jax.random.PRNGKey(2), table, many, 50))

@@ -1,6 +1,7 @@
 """Grouped ("ghost") batch norm (`config.bn_group_size`): the maths of the groups, no
 cross-device reduction in the forward pass, the same training on 1 and 8 devices, and the
-collective count of the compiled step. Also the teacher at its own dtype."""
+collective count of the compiled step. Also the teacher at its own dtype, and the refusals
+(a bad group size or teacher dtype, flax's own BatchNorm under groups)."""
 import functools
 import re
 

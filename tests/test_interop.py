@@ -1,4 +1,6 @@
-"""PyTorch weight import: every model name round-trips, errors name every bad entry, .pth files."""
+"""PyTorch weight import: every model name and the AFD module round-trip (torchvision's names
+for the ImageNet ResNets; channels and classes read from the state dict), errors name every bad
+entry, .pth files bare and wrapped, pickled code refused."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,5 +1,7 @@
-"""Launch scripts: the TPU pod dry run prints the commands; bad use is refused; the study runner
-runs a teacher only where a student needs it, and keeps one that reproduces."""
+"""Launch scripts: the TPU pod dry run prints the commands; bad use of it and of
+local_multiprocess.sh is refused; the study runner runs a teacher only where a student needs it,
+keeps one that reproduces, resumes a student started against the current teacher, and stops
+where a student has no teacher run."""
 import importlib.util
 import json
 import subprocess

@@ -1,4 +1,5 @@
-"""The model zoo: names, tap counts and shapes (docs/method.md), parameter counts, batch norm."""
+"""The model zoo: names, tap counts and shapes (docs/method.md), parameter counts (PyTorch's),
+any input size and channel count, batch norm as PyTorch's, bfloat16 activations, refusals."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -6,7 +6,8 @@ tests/reference/make_method_vectors.py from the generators in tests/reference/me
 Weights and feature maps are redrawn from the files' seeds (tests/reference/weights.py); no
 torch is needed here. Every array within max |ours - reference| <= 1e-4 * max |reference|:
 losses, gradients w.r.t. the student's inputs and every parameter of the method, batch-norm
-running statistics after the step, SemCKD's attention weights. Plus each builder's refusals.
+running statistics after the step, SemCKD's attention weights. Plus DKD's registered pair
+defaults, each builder's refusals, and SemCKD's attention labelled and drawn in the plots.
 """
 import pathlib
 import types

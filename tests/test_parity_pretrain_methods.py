@@ -6,9 +6,14 @@ README there says what each holds). No torch here. Every array within `1e-4 * ma
 losses, gradients w.r.t. the student's maps and the methods' own parameters (converted to
 PyTorch's layouts), and batch-norm running statistics after one train-mode step.
 
-Gradients of a conv bias that feeds a train-mode batch norm are zero in exact arithmetic (BN
-subtracts the batch mean); the reference holds float32 residue there, so those are held to
-1e-4 times the largest gradient of the module instead of their own (noise) maximum.
+Gradients of a conv bias that feeds a train-mode batch norm (AB's connectors, FT's
+translator) are zero in exact arithmetic (BN subtracts the batch mean); the reference holds
+float32 residue there, so those are held to 1e-4 times the largest gradient of the module
+instead of their own (noise) maximum, and separately shown to be zero in float64.
+
+One step of the engine's pre-training stage changes exactly what the original's `init()`
+optimises (AB: connectors and student body; FT: the paraphraser; FSP: the student body) and
+minimises the loss pinned here; plus the registered stages and weights.
 """
 import pathlib
 
@@ -17,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from afd_jax import distill
+from afd_jax import bench, distill, step
 from afd_jax.distill import registry
 from afd_jax.distill.ab import AB
 from afd_jax.distill.fsp import FSP
 from afd_jax.distill.ft import FT
 from tests.reference import weights
-from tests.test_reference import assert_close
+from tests.test_reference import assert_close, run_once
 
 REFERENCE = pathlib.Path(__file__).resolve().parent / 'reference'
 
@@ -74,6 +79,21 @@ def same_structure(ours, abstract, what):
     assert a.shape == b.shape, what
 
 
+def f64(tree):
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+
+
+def assert_zero_in_float64(grads, zero, count):
+  """`grads`, torch name -> float64 gradient: the `count` names where `zero` holds are 0 up to
+  float64 rounding (1e-10 of the largest gradient); the others are not all 0."""
+  assert all(np.asarray(g).dtype == np.float64 for g in grads.values())
+  scale = max(np.abs(g).max() for g in grads.values())
+  zeros = [k for k in grads if zero(k)]
+  assert len(zeros) == count and scale > 0, (zeros, scale)
+  for k in zeros:
+    assert np.abs(grads[k]).max() <= 1e-10 * scale, f'{k}: {np.abs(grads[k]).max():.3g}'
+
+
 def compare_params(grads, ref, mapping, bias_before_bn, prefix):
   """`mapping`: torch name -> (path in our tree, layout converter of our array to torch's)."""
   scale_all = max(np.abs(ref[prefix + k]).max() for k in mapping)
@@ -108,7 +128,9 @@ def ab_conv_path(node, transposed, leaf):
   return (node, 'conv', 'conv', 'kernel' if leaf == 'weight' else 'bias')
 
 
-def test_ab_matches_repdistiller():
+def ab_case():
+  """The reference's AB module, its variables in our layout, the maps, and the mappings of the
+  gradients (torch name -> our path and converter) and of the running statistics."""
   data = load('ab')
   n = len(data['per_pair'])
   s = [jnp.asarray(data[f'student/{i}']) for i in range(n)]
@@ -134,30 +156,42 @@ def test_ab_matches_repdistiller():
     else:
       put(stats, bn_stats[key][0], value)
   module = AB(pairs=tuple((i, i) for i in range(n)), margin=float(data['margin']))
+  return data, module, params, stats, s, t, mapping, bn_stats
+
+
+def ab_step(module, params, stats, s, t):
+  """`((loss, (per_pair, updates)), (d/d params, d/d student maps))` of one train-mode step."""
+  def loss_fn(p, s_feats):
+    (loss, per_pair), updates = module.apply({'params': p, 'batch_stats': stats}, s_feats, t,
+                                             train=True, mutable=['batch_stats'])
+    return loss, (per_pair, updates)
+
+  return run_once(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True), params, s)
+
+
+def test_ab_matches_repdistiller():
+  data, module, params, stats, s, t, mapping, bn_stats = ab_case()
   abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), s, t, train=False))
   same_structure(params, abstract['params'], 'AB params')
   same_structure(stats, abstract['batch_stats'], 'AB batch_stats')
-
-  def loss_fn(p, s_feats, method):
-    (loss, per_pair), updates = module.apply({'params': p, 'batch_stats': stats}, s_feats, t,
-                                             train=True, mutable=['batch_stats'], method=method)
-    return loss, (per_pair, updates)
-
-  @jax.jit  # one compilation: the step, and the pre-training stage's loss
-  def run(p, s_feats):
-    grads = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(p, s_feats, '__call__')
-    return grads, loss_fn(p, s_feats, 'pretrain_loss')[0]
-
-  ((loss, (per_pair, updates)), (g_params, g_s)), pre = run(params, s)
+  (loss, (per_pair, updates)), (g_params, g_s) = ab_step(module, params, stats, s, t)
   assert_close(loss, data['loss'], 'loss')
   assert_close(per_pair, data['per_pair'], 'per_pair')
-  for i in range(n):
+  for i in range(len(s)):
     assert_close(g_s[i], data[f'grad_student/{i}'], f'grad_student/{i}')
   compare_params(g_params, data, mapping, lambda k: k.endswith('conv.bias'), 'grad_sd/')
   for key, (path, out) in bn_stats.items():
     assert_close(out(get(updates['batch_stats'], path)), data['sd_after/' + key], key)
-  # The pre-training stage minimises the same loss.
-  assert float(pre) == float(loss)
+
+
+def test_ab_connector_conv_biases_have_zero_gradient_in_float64():
+  """Pairs 1-4 have a conv + batch-norm connector (pair 0 is the identity); the conv's bias
+  has no gradient, which float64 shows where float32's residue could not."""
+  _, module, params, stats, s, t, mapping, _ = ab_case()
+  with jax.enable_x64(True):
+    _, (g_params, _) = ab_step(module, *f64((params, stats, s, t)))
+  grads = {k: out(get(g_params, path)) for k, (path, out) in mapping.items()}
+  assert_zero_in_float64(grads, lambda k: k.endswith('conv.bias'), count=4)
 
 
 def test_ab_margin_loss_by_hand():
@@ -243,6 +277,21 @@ def test_ft_pretrain_matches_repdistiller():
   assert all(np.abs(np.asarray(g)).max() == 0 for g in jax.tree.leaves(grads['translator']))
 
 
+def ft_main_step(module, params, stats, s, t):
+  """`((loss, updates), (d/d params, d/d student maps))` of one main-stage train-mode step."""
+  def loss_fn(p, s_feats):
+    (loss, _), updates = module.apply({'params': p, 'batch_stats': stats}, s_feats, t,
+                                      train=True, mutable=['batch_stats'])
+    return loss, updates
+
+  return run_once(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True), params, s)
+
+
+def ft_translator_bias_before_bn(torch_name):
+  """`encoder.{3j}.bias`: the bias of the translator's conv j, which a batch norm follows."""
+  return torch_name.endswith('.bias') and int(torch_name.split('.')[1]) % 3 == 0
+
+
 @pytest.mark.parametrize('case', ['main', 'main_pool'])
 def test_ft_main_matches_repdistiller(case):
   data = load('ft')
@@ -253,19 +302,11 @@ def test_ft_main_matches_repdistiller(case):
   abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), s, t, train=False))
   same_structure(params, abstract['params'], 'FT params')
   same_structure(stats, abstract['batch_stats'], 'FT batch_stats')
-
-  def loss_fn(p, s_feats, batch_stats):
-    (loss, _), updates = module.apply({'params': p, 'batch_stats': batch_stats}, s_feats, t,
-                                      train=True, mutable=['batch_stats'])
-    return loss, updates
-
-  (loss, updates), (g_params, g_s) = jax.jit(
-      jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(params, s, stats)
+  (loss, updates), (g_params, g_s) = ft_main_step(module, params, stats, s, t)
   assert_close(loss, data[f'{case}/loss'], 'loss')
   assert_close(g_s[0], data[f'{case}/grad_student'], 'grad_student')
   p_map, s_map = mappings['translator']
-  compare_params(g_params, data, p_map,
-                 lambda k: k.endswith('.bias') and int(k.split('.')[1]) % 3 == 0,
+  compare_params(g_params, data, p_map, ft_translator_bias_before_bn,
                  f'{case}/grad_sd/translator/')
   for key, (path, out) in s_map.items():
     assert_close(out(get(updates['batch_stats'], path)), data[f'{case}/sd_after/translator/' + key],
@@ -275,6 +316,20 @@ def test_ft_main_matches_repdistiller(case):
   for g in jax.tree.leaves(g_params['paraphraser_encoder']) + jax.tree.leaves(
       g_params['paraphraser_decoder']):
     assert np.abs(np.asarray(g)).max() == 0
+
+
+def test_ft_translator_conv_biases_have_zero_gradient_in_float64():
+  """Each of the translator's three convs feeds a train-mode batch norm: its bias has no
+  gradient, which float64 shows where float32's residue could not. On one case: the property
+  is structural, and a float64 program is one more compile."""
+  data, case = load('ft'), 'main'
+  s, t = [data[f'{case}/student']], [data[f'{case}/teacher']]
+  params, stats, mappings = ft_variables(data, case, with_translator=True)
+  module = FT(student_tap=0, teacher_tap=0)
+  with jax.enable_x64(True):
+    _, (g_params, _) = ft_main_step(module, *f64((params, stats, s, t)))
+  grads = {k: out(get(g_params, path)) for k, (path, out) in mappings['translator'][0].items()}
+  assert_zero_in_float64(grads, ft_translator_bias_before_bn, count=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,17 +342,12 @@ def test_fsp_matches_repdistiller():
   t = [jnp.asarray(data[f'teacher/{i}']) for i in range(n)]
   module = FSP(tuple(range(n)), tuple(range(n)))
 
-  def loss_fn(s_feats, method):
-    return module.apply({}, s_feats, t, train=True, method=method)
-
-  run = jax.jit(lambda s_feats: (jax.value_and_grad(loss_fn, has_aux=True)(s_feats, '__call__'),
-                                 loss_fn(s_feats, 'pretrain_loss')[0]))
-  ((loss, per_pair), g_s), pre = run(s)
+  loss_fn = lambda s_feats: module.apply({}, s_feats, t, train=True)
+  (loss, per_pair), g_s = run_once(jax.value_and_grad(loss_fn, has_aux=True), s)
   assert_close(loss, data['loss'], 'loss')
   assert_close(per_pair, data['per_pair'], 'per_pair')
   for i in range(n):
     assert_close(g_s[i], data[f'grad_student/{i}'], f'grad_student/{i}')
-  assert float(pre) == float(loss)
   with pytest.raises(ValueError, match='equal channels'):
     module.apply({}, s, [t[0], t[1], t[2], t[2]], train=True)
 
@@ -316,3 +366,78 @@ def test_registered_stages_and_weights(name, weight, trains, lr):
   assert (pre.trains, pre.method, pre.epochs, pre.learning_rate, pre.momentum,
           pre.weight_decay) == (trains, 'pretrain_loss', 30, lr, 0.9, 5e-4)
   assert name in distill.METHODS
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage trains what RepDistiller's init() trains
+
+# train_student.py hands init() (helper/pretrain.py) `init_trainable_list`: for abound the
+# connector and `model_s.get_feat_modules()` (the student but its classifier `fc`), for factor
+# the paraphraser, for fsp `get_feat_modules()`. init() runs `model_s.eval()` and then
+# `init_modules.train()`, so the student's batch norms are in training mode exactly where its
+# body trains. `loss` names the module method whose parity with the init() loss is pinned
+# above (ABLoss and FSP are the main modules; FT's stage is the paraphraser's reconstruction).
+ORIGINAL_STAGE = {
+    'ab': {'teacher': 'resnet8x4', 'distiller': 'all', 'body': True, 'loss': '__call__'},
+    'ft': {'teacher': 'resnet8x4', 'distiller': ('paraphraser_encoder', 'paraphraser_decoder'),
+           'body': False, 'loss': 'pretrain_loss'},
+    'fsp': {'teacher': 'resnet14', 'distiller': (), 'body': True, 'loss': '__call__'},
+}
+STAGE_IMAGE = (8, 8, 3)
+
+
+def by_path(tree):
+  """{(key, ...): leaf as a NumPy array} of a nested dict."""
+  return {tuple(k.key for k in path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))}
+
+
+def stage_loss(task, state, teacher_vars, images, body_trains, method):
+  """The module's `method` on the maps the student (in training mode where its body trains)
+  and the frozen teacher give for `images`: the loss the stage should minimise."""
+  (_, s_feats), _ = task.student.apply(
+      {'params': state.params['student'], 'batch_stats': state.batch_stats['student']}, images,
+      train=body_trains, mutable=['batch_stats'])
+  _, t_feats = task.teacher.apply(teacher_vars, images, train=False)
+  (loss, _), _ = task.distiller.apply(
+      {'params': state.params['distiller'], 'batch_stats': state.batch_stats['distiller']},
+      s_feats, t_feats, train=True, mutable=['batch_stats'], method=method)
+  return loss
+
+
+@pytest.mark.parametrize('name', sorted(ORIGINAL_STAGE))
+def test_one_stage_step_trains_what_repdistillers_init_trains(name):
+  """One step of the engine's pre-training stage (`step.make_pretrain_step`, resnet8 student):
+  every parameter the original's init() optimises changes, every other one (the classifier,
+  FT's translator, the student under FT) and the student's batch statistics under FT are
+  bit for bit as they were, and the step's loss is the init() loss the parity tests pin."""
+  spec = ORIGINAL_STAGE[name]
+  config = bench.bench_config(name, spec['teacher'], 'resnet8')
+  task = step.task_from_config(config, 4, 1, jnp.float32, STAGE_IMAGE)
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.normal(size=(8,) + STAGE_IMAGE), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 4, 8), jnp.int32)}
+
+  def run(key):
+    teacher_vars = task.teacher.init(key, batch['image'], train=False)
+    state = step.init_state(task, key, STAGE_IMAGE, jax.eval_shape(lambda: teacher_vars))
+    after, metrics = step.make_pretrain_step(task)(state, teacher_vars, batch)
+    expected = stage_loss(task, state, teacher_vars, batch['image'], spec['body'], spec['loss'])
+    return state, after, metrics['pretrain'], expected
+
+  before, after, loss, expected = run_once(run, jax.random.PRNGKey(0))
+  np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+
+  def trained(path):
+    if path[0] == 'student':
+      return spec['body'] and path[1] != 'fc'
+    return spec['distiller'] == 'all' or path[1] in spec['distiller']
+
+  old, new = by_path(before.params), by_path(after.params)
+  assert any(p[0] == 'distiller' for p in old) == (name != 'fsp')  # FSP has no parameters
+  for path, value in old.items():
+    assert (not np.array_equal(new[path], value)) == trained(path), path
+  old, new = by_path(before.batch_stats), by_path(after.batch_stats)
+  for path, value in old.items():  # the student's in training mode iff it trains; AB's connectors
+    moves = spec['body'] if path[0] == 'student' else name == 'ab'
+    assert (not np.array_equal(new[path], value)) == moves, path

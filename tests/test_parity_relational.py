@@ -1,7 +1,8 @@
 """PKT, RKD, CC, NST and VID against the CRD benchmark's own PyTorch modules (HobbitLong/
 RepDistiller `distiller_zoo/`): loss, gradients w.r.t. the student's inputs and the method's own
 parameters, every array within 1e-4 * max|ref|. The golden vectors are
-`tests/reference/method_<name>.npz` (README.md there); torch is not needed here.
+`tests/reference/method_<name>.npz` (README.md there); torch is not needed here. Plus the
+refusals, RKD on a degenerate batch, VID's initial variances and the registered defaults.
 """
 import pathlib
 

@@ -3,7 +3,9 @@
 `registry.Pretrain` names what the stage trains; `step.make_pretrain_step` minimises the
 method's own `pretrain_loss` with its own SGD state, then the main stage begins with a fresh
 main optimizer. Shown here with a toy method registered by the test, so the engine is tested
-apart from any one method.
+apart from any one method: what the stage trains, an exact resume across the stage's end, a
+log window across it, and the checkpoint's record of the stage's length. AB's, FT's and FSP's
+stages against RepDistiller's `init()`: tests/test_parity_pretrain_methods.py.
 """
 import flax.linen as nn
 import jax

@@ -1,5 +1,6 @@
 """The jitted, sharded train step: device-count invariance, one compilation, frozen teacher,
-learning a toy task, KD + AFD stability. Tiny models on 8x8 images."""
+donated state, learning a toy task, KD + AFD stability, bfloat16 close to float32, and the eval
+step's masking of padding. Tiny models on 8x8 images."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

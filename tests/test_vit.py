@@ -1,5 +1,6 @@
 """The zoo's ViTs equal a PyTorch ViT: transformers' ViTForImageClassification (random weights,
-nothing downloaded), imported by name, and the same weights in timm's names.
+nothing downloaded), imported by name, and the same weights in timm's names; position
+embeddings resized as torch's bicubic; refusals of mismatched sizes.
 
 transformers and torch are optional test dependencies (launch/setup.sh installs both CPU-only);
 without them the parity tests skip and say so."""
