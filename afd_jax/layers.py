@@ -127,8 +127,9 @@ class BatchNorm(nn.Module):
 
   Training mode normalises with the biased batch variance and updates the running
   estimate with the *unbiased* one (as torch.nn.BatchNorm*d does); inference mode uses
-  the running estimates. Statistics are always computed in float32. Under `jit` with a
-  batch sharded over devices and hosts, the means are global: this is synchronised BN.
+  the running estimates. Statistics are computed in float32 or wider (`at_least_f32`).
+  Under `jit` with a batch sharded over devices and hosts, the means are global: this is
+  synchronised BN.
 
   Inside `batch_norm_groups(k)`, training mode normalises each group of k consecutive examples
   with that group's own mean and biased variance, and the running estimates move towards the
@@ -201,7 +202,7 @@ def linear(features: int, fan_in: int, zero_bias: bool = False,
 
 
 def at_least_f32(x: jax.Array) -> jax.Array:
-  """`x` in float32, or in its own dtype if that is wider (float64 in tests)."""
+  """`x` in float32, or in its own dtype if that is wider (float64: `config.dtype='float64'`)."""
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 

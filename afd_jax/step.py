@@ -24,8 +24,10 @@ from afd_jax.distill import cross_entropy, kd_loss
 from afd_jax.state import TrainState, variables_of
 
 Batch = Dict[str, jax.Array]
-# Activation dtypes by their config names (`config.dtype`, `config.teacher.dtype`).
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Activation dtypes by their config names (`config.dtype`, `config.teacher.dtype`). 'float64'
+# (with jax_enable_x64) makes the whole step float64, parameters and state included: a mode
+# for checking numerics, not for speed.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
 Metrics = Dict[str, jax.Array]
 
 
@@ -51,6 +53,9 @@ class Task:
   distiller_inputs: Tuple[str, ...] = ()  # extra inputs of the distiller (registry.INPUTS)
   steps_per_epoch: int = 1
   pretrain: Optional['PretrainTask'] = None
+  # None: the state as the modules create it (float32); float64: every floating leaf of the
+  # state, and the images, in that dtype (`cast_floats`).
+  param_dtype: Optional[Any] = None
 
   @property
   def distils_features(self) -> bool:
@@ -105,10 +110,15 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
   benchmark, which runs without ml_collections). `image_shape` (H, W, C) is needed for models
   whose taps are found by tracing (`models.from_config`) and for a pre-training stage. The
   teacher computes in `config.teacher.dtype` where that is set ('float32' or 'bfloat16'), else
-  in `dtype`. `num_train_examples`: the training split's size, for methods that keep
-  per-example state (0 where unknown); `train_labels`: its labels by index, for methods that
-  declare `needs_train_labels` (None where unknown)."""
+  in `dtype`; float64 (which needs jax_enable_x64) makes the whole state float64 too.
+  `num_train_examples`: the training split's size, for methods that keep per-example state
+  (0 where unknown); `train_labels`: its labels by index, for methods that declare
+  `needs_train_labels` (None where unknown)."""
   distil = is_distillation(config)
+  wide = dtype is not None and jnp.dtype(dtype) == jnp.dtype('float64')
+  if wide and not jax.config.jax_enable_x64:
+    raise ValueError("dtype float64 needs jax_enable_x64: jax.config.update('jax_enable_x64', "
+                     'True), or build the task inside jax.enable_x64(True).')
   student = models.from_config(config.student, num_classes, dtype, image_shape)
   teacher_dtype = getattr(config.teacher, 'dtype', '')
   teacher_dtype = DTYPES[teacher_dtype] if teacher_dtype else dtype
@@ -133,7 +143,7 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
               feature_weight=config.loss.feature_weight if distiller else 0.0,
               bn_group_size=getattr(config, 'bn_group_size', 0),
               distiller_inputs=method.inputs if method is not None else (),
-              steps_per_epoch=steps_per_epoch,
+              steps_per_epoch=steps_per_epoch, param_dtype=jnp.float64 if wide else None,
               pretrain=pretrain)  # kept at 0 steps too: the state's layout is the method's
 
 
@@ -186,6 +196,37 @@ def check_batch_norm_groups(task: Task, image_shape) -> None:
         f'bn_group_size={task.bn_group_size} applies to afd_jax.layers.BatchNorm, but the student '
         f'normalises with flax.linen.BatchNorm at {", ".join(sorted(set(found))[:3])}; use '
         f'afd_jax.layers.BatchNorm in the model, or bn_group_size=0.')
+
+
+def cast_floats(tree, dtype):
+  """`tree` with every floating leaf in `dtype` (None: `tree` itself)."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def check_float64(task: Task, image_shape) -> None:
+  """With `param_dtype` float64: a ValueError naming each model whose logits or taps come out
+  narrower (a hard float32 cast in it), found by one abstract trace of each in inference mode."""
+  if task.param_dtype is None:
+    return
+  images = jax.ShapeDtypeStruct((2,) + tuple(image_shape), task.param_dtype)
+  for role, model in (('student', task.student), ('teacher', task.teacher)):
+    if model is None:
+      continue
+
+    def forward(x, model=model):
+      variables = cast_floats(model.init(jax.random.PRNGKey(0), x, train=False), task.param_dtype)
+      return model.apply(variables, x, train=False)
+
+    logits, features = jax.eval_shape(forward, images)
+    narrow = sorted({str(a.dtype) for a in jax.tree.leaves((logits, features))
+                     if a.dtype != task.param_dtype})
+    if narrow:
+      raise ValueError(f'dtype float64: the {role} model returns {"/".join(narrow)} logits or '
+                       'taps (it casts them), so its step would not be float64; use dtype '
+                       'float32 with it.')
 
 
 def _forward(model, variables, images, train: bool, embedding: bool, **kwargs):
@@ -245,6 +286,7 @@ def init_state(task: Task, rng: jax.Array, image_shape, teacher_abstract=None) -
       if unknown:
         raise ValueError(f'the pre-training stage names distiller parameter groups {unknown}; '
                          f'the distiller has {sorted(params["distiller"])}.')
+  params, stats = cast_floats((params, stats), task.param_dtype)
   opt_state = task.tx.init(params)
   if task.pretrain is not None:
     opt_state = (task.pretrain.tx.init(params), opt_state)
@@ -261,7 +303,7 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
   embed = task.needs('student_embedding', 'teacher_embedding')
 
   def train_step(state: TrainState, teacher_vars, batch: Batch):
-    images, labels = batch['image'], batch['label']
+    images, labels = cast_floats(batch['image'], task.param_dtype), batch['label']
     rng = jax.random.fold_in(state.rng, state.step)
     t_logits = t_feats = t_embedding = None
     if task.needs_teacher:
@@ -350,7 +392,7 @@ def make_pretrain_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[T
   train_student = 'student_body' in pre.trains
 
   def pretrain_step(state: TrainState, teacher_vars, batch: Batch):
-    images = batch['image']
+    images = cast_floats(batch['image'], task.param_dtype)
     rng = jax.random.fold_in(state.rng, state.step)
     t_logits, t_feats, t_embedding = jax.lax.stop_gradient(
         _forward(task.teacher, teacher_vars, images, False, embed))

@@ -23,6 +23,7 @@ from afd_jax.errors import UserError, warn
 from afd_jax.state import student_variables
 
 DTYPES = step.DTYPES
+TEACHER_DTYPES = ('float32', 'bfloat16')  # float64 is the whole step's (dtype) or nothing
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, a checkpoint was saved; rerun to resume.
 
 
@@ -64,9 +65,12 @@ def validate(config) -> None:
       raise UserError(str(e)) from None
   if config.dtype not in DTYPES:
     raise UserError(f'dtype must be one of {", ".join(DTYPES)}, got {config.dtype!r}.')
-  if config.teacher.dtype and config.teacher.dtype not in DTYPES:
-    raise UserError(f'teacher.dtype must be empty (= dtype) or one of {", ".join(DTYPES)}, '
-                    f'got {config.teacher.dtype!r}.')
+  if config.teacher.dtype and config.teacher.dtype not in TEACHER_DTYPES:
+    raise UserError(f'teacher.dtype must be empty (= dtype) or one of '
+                    f'{", ".join(TEACHER_DTYPES)}, got {config.teacher.dtype!r}.')
+  if config.dtype == 'float64' and config.teacher.dtype:
+    raise UserError('dtype float64 runs the whole step, teacher included, in float64: leave '
+                    f'teacher.dtype empty (got {config.teacher.dtype!r}).')
   if config.bn_group_size < 0 or (config.bn_group_size and
                                   config.batch_size % config.bn_group_size):
     raise UserError(f'bn_group_size={config.bn_group_size} must be 0 (the global batch) or a '
@@ -157,10 +161,29 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   sharding.maybe_initialize_distributed()
   lock = lock_workdir(workdir)
   try:
-    return _train_and_evaluate(config, workdir, start_time)
+    with float64_mode(config):
+      return _train_and_evaluate(config, workdir, start_time)
   finally:
     if lock is not None:
       lock.release()
+
+
+@contextlib.contextmanager
+def float64_mode(config):
+  """dtype float64: jax_enable_x64 on for the run (restored after it), before anything is
+  built. Refused on a TPU, which has no float64 arithmetic."""
+  if config.dtype != 'float64':
+    yield
+    return
+  if jax.default_backend() == 'tpu':
+    raise UserError('dtype float64 (a mode for checking numerics) needs a CPU or GPU; a TPU '
+                    'has no float64 arithmetic. Use dtype float32 or bfloat16.')
+  previous = jax.config.jax_enable_x64
+  jax.config.update('jax_enable_x64', True)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_x64', previous)
 
 
 def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, Any]:
@@ -198,8 +221,9 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   rep = sharding.replicated(mesh)
   teacher_vars = None
   if distil:
-    teacher_vars = jax.device_put(
-        checkpoint.load_teacher(config, teacher, info.num_classes, info.image_shape), rep)
+    teacher_vars = jax.device_put(step.cast_floats(
+        checkpoint.load_teacher(config, teacher, info.num_classes, info.image_shape),
+        task.param_dtype), rep)
 
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # processes > 0 (process 0 made it)
   ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints, config.keep_best)
@@ -227,6 +251,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
         initial = checkpoint.load_model_variables(
             config.student.init_checkpoint, config.student.name, student, info.num_classes,
             info.image_shape, 'student.init_checkpoint', new_head_ok=True)
+        initial = step.cast_floats(initial, task.param_dtype)
         state = state.replace(
             params={**state.params, 'student': jax.device_put(initial['params'], rep)},
             batch_stats={**state.batch_stats,
@@ -357,6 +382,7 @@ def make_task(config, info: data.DatasetInfo, steps_per_epoch: int) -> step.Task
                                  info.image_shape, num_train_examples=info.num_train,
                                  train_labels=train_labels)
     step.check_batch_norm_groups(task, info.image_shape)
+    step.check_float64(task, info.image_shape)
   except (ValueError, TypeError) as e:  # a factory's kwargs, taps that match nothing, a grid
     raise UserError(str(e)) from None
   return task

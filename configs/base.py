@@ -27,6 +27,7 @@ def _model_options(section: ml_collections.ConfigDict) -> None:
                                  # comma-separated globs over module paths, e.g. 'layer*'
   section.prefix_tokens = -1     # token taps: class/register tokens to drop; -1 = from the model
   section.token_grid = ()        # token taps: (h, w); () = from the image's patch grid or sqrt(N)
+  section.train_arg = ''         # train flag: '' = from __call__ | a name | '!name' (eval) | none
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -112,7 +113,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.batch_size = 64              # global, over all devices and hosts
   c.eval_batch_size = 256        # global
   c.num_train_steps = -1         # >0: stop after this many steps (tests, smoke runs)
-  c.dtype = 'float32'            # activations: float32 | bfloat16 (parameters stay float32)
+  c.dtype = 'float32'            # activations: float32 | bfloat16 (parameters stay float32) |
+                                 # float64: the whole step and state (checks numerics; CPU/GPU)
   c.mesh_shape = (-1, 1)         # (data, model); -1 = all remaining devices
   c.bn_group_size = 0            # training batch-norm statistics over groups of this many
                                  # consecutive examples; 0 = the global batch (synchronised BN).

@@ -115,7 +115,7 @@ class BilinearLogits(nn.Module):
 
 
 def spatial_energy(f: jax.Array) -> jax.Array:
-  """`mean_c(f ** 2)`: B x H x W x C -> B x H x W, in float32."""
+  """`mean_c(f ** 2)`: B x H x W x C -> B x H x W, in float32 or wider."""
   f = at_least_f32(f)
   return jnp.mean(f * f, axis=-1)
 

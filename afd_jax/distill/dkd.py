@@ -89,7 +89,7 @@ class DKD(nn.Module):
                        f'{student_logits.shape} and {teacher_logits.shape}.')
     tckd, nckd = dkd_parts(student_logits, teacher_logits, labels, self.temperature)
     warm = 1.0 if epoch is None else jnp.minimum(
-        jnp.asarray(epoch, jnp.float32) / self.warmup, 1.0)
+        jnp.asarray(epoch, jnp.promote_types(tckd.dtype, jnp.float32)) / self.warmup, 1.0)
     return warm * (self.alpha * tckd + self.beta * nckd), jnp.stack([tckd, nckd])
 
 

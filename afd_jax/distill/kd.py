@@ -15,7 +15,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
   nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
   if mask is None:
     return jnp.mean(nll)
-  mask = mask.astype(jnp.float32)
+  mask = mask.astype(nll.dtype)
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 

@@ -157,7 +157,8 @@ class ReviewKD(nn.Module):
     per_level = jnp.stack([hcl_term(o, x) for o, x in zip(outputs, t)])
     loss = jnp.sum(per_level)
     if epoch is not None and self.warmup > 0:
-      loss = loss * jnp.minimum((jnp.asarray(epoch, jnp.float32) - 1.0) / self.warmup, 1.0)
+      wide = jnp.promote_types(loss.dtype, jnp.float32)
+      loss = loss * jnp.minimum((jnp.asarray(epoch, wide) - 1.0) / self.warmup, 1.0)
     return loss, per_level
 
 

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from afd_jax.layers import BatchNorm, conv, linear, spatial_mean
+from afd_jax.layers import BatchNorm, at_least_f32, conv, linear, spatial_mean
 from afd_jax.models.resnet import BasicBlock
 from afd_jax.models.taps import Tap
 
@@ -46,4 +46,4 @@ class CifarResNet(nn.Module):
           features.append(x)
     pooled = spatial_mean(x)
     logits = linear(self.num_classes, pooled.shape[-1], dtype=self.dtype, name='fc')(pooled)
-    return logits.astype(jnp.float32), tuple(features)
+    return at_least_f32(logits), tuple(features)

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from afd_jax.layers import BatchNorm, conv, linear, spatial_mean
+from afd_jax.layers import BatchNorm, at_least_f32, conv, linear, spatial_mean
 from afd_jax.models.taps import Tap
 
 CONFIGS = {
@@ -45,4 +45,4 @@ class VGG(nn.Module):
     logits = linear(self.num_classes, pooled.shape[-1], zero_bias=True,
                     kernel_init=nn.initializers.normal(0.01), dtype=self.dtype,
                     name='fc')(pooled)
-    return logits.astype(jnp.float32), tuple(features)
+    return at_least_f32(logits), tuple(features)

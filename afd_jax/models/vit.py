@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from afd_jax.layers import at_least_f32
 from afd_jax.models.taps import Tap
 
 _trunc_normal = nn.initializers.truncated_normal(0.02)
@@ -46,8 +47,9 @@ def resize_position_grid(grid: jax.Array, height: int, width: int) -> jax.Array:
   _, h, w, _ = grid.shape
   if (h, w) == (height, width):
     return grid
-  rows = jnp.asarray(bicubic_matrix(h, height), jnp.float32)
-  cols = jnp.asarray(bicubic_matrix(w, width), jnp.float32)
+  dtype = jnp.promote_types(grid.dtype, jnp.float32)  # float64 in float64 mode
+  rows = jnp.asarray(bicubic_matrix(h, height), dtype)
+  cols = jnp.asarray(bicubic_matrix(w, width), dtype)
   return jnp.einsum('Hh,bhwd,Ww->bHWd', rows, grid, cols,
                     precision=jax.lax.Precision.HIGHEST)
 
@@ -61,7 +63,7 @@ class Attention(nn.Module):
     b, n, d = x.shape
     qkv = _dense(3 * d, dtype=self.dtype, name='qkv')(x).reshape(b, n, 3, self.heads, -1)
     q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    logits = jnp.einsum('bhqc,bhkc->bhqk', q, k).astype(jnp.float32) * (d // self.heads) ** -0.5
+    logits = at_least_f32(jnp.einsum('bhqc,bhkc->bhqk', q, k)) * (d // self.heads) ** -0.5
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum('bhqk,bhkc->bqhc', weights, v).reshape(b, n, d)
     return _dense(d, dtype=self.dtype, name='proj')(out)
@@ -118,7 +120,7 @@ class ViT(nn.Module):
       features.append(x[:, 1:].reshape(b, h, w, d))
     x = _norm(dtype=self.dtype, name='norm')(x)
     logits = _dense(self.num_classes, dtype=self.dtype, name='head')(x[:, 0])
-    return logits.astype(jnp.float32), tuple(features)
+    return at_least_f32(logits), tuple(features)
 
 
 CONFIGS = {

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from afd_jax.layers import BatchNorm, conv, linear, spatial_mean
+from afd_jax.layers import BatchNorm, at_least_f32, conv, linear, spatial_mean
 from afd_jax.models.taps import Tap
 
 
@@ -66,4 +66,4 @@ class WideResNet(nn.Module):
     pooled = spatial_mean(act)
     logits = linear(self.num_classes, pooled.shape[-1], zero_bias=True, dtype=self.dtype,
                     name='fc')(pooled)
-    return logits.astype(jnp.float32), tuple(features)
+    return at_least_f32(logits), tuple(features)
