@@ -131,7 +131,8 @@ def main(argv):
   try:
     config = load_config(workdir)
     if flags.FLAGS.from_checkpoint:
-      attention, step_count, task = checkpoint_attention(workdir, config)
+      with train.float64_mode(config):  # a float64 run's checkpoint is float64
+        attention, step_count, task = checkpoint_attention(workdir, config)
       source = f'checkpoint at step {step_count}, eval split'
       t_names, s_names = viz.link_labels(task.distiller, [t.name for t in task.teacher.taps()],
                                          [t.name for t in task.student.taps()])
