@@ -4,9 +4,11 @@
 count the architecture admits) and returns float32 logits and a tuple of channels-last feature
 taps (see docs/method.md); `module.taps()` names them. Variables: `{'params', 'batch_stats'}`.
 
-`name` is a zoo name (`names()`) or `'package.module:factory'`, a callable returning any linen
-module whose `__call__(images, train)` returns logits; its taps are found by `tapping.tap`.
+`name` is a zoo name (`names()`) or `'package.module:factory'`, a callable (a function or a
+module class) returning any linen module whose `__call__` returns logits; its train flag is
+passed as it declares it (`calling.Calling`) and its taps are found by `tapping.tap`.
 """
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -82,18 +84,46 @@ def check_name(name: str) -> None:
                      "'package.module:factory'.")
 
 
-def _accepts(fn, arg: str) -> bool:
+def _parameters(fn) -> Dict[str, inspect.Parameter]:
   try:
-    params = inspect.signature(fn).parameters
+    return dict(inspect.signature(fn).parameters)
   except (TypeError, ValueError):
-    return False
-  return arg in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    return {}
+
+
+def _fields(cls) -> List[str]:
+  """The constructor fields of a module class (a flax module is a dataclass)."""
+  return [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(
+      cls) else list(_parameters(cls))
+
+
+def _build(factory, kwargs: Dict[str, Any], num_classes: int, dtype) -> Any:
+  """`factory(**kwargs)` given `num_classes`, and `dtype` only where what it builds can take
+  it: a named parameter of the factory, or a field of the module class (the class itself as
+  the factory, or the class of what a `**kwargs` factory returns)."""
+  kwargs = dict(kwargs)
+  if isinstance(factory, type):
+    named, forwards = _fields(factory), False
+  else:
+    params = _parameters(factory)
+    named = list(params)
+    forwards = any(p.kind == p.VAR_KEYWORD for p in params.values())
+  if 'num_classes' not in kwargs and ('num_classes' in named or forwards):
+    kwargs['num_classes'] = num_classes
+  if dtype is None or 'dtype' in kwargs or 'dtype' in named:
+    if dtype is not None and 'dtype' in named:
+      kwargs.setdefault('dtype', dtype)
+    return factory(**kwargs)
+  module = factory(**kwargs)
+  if forwards and isinstance(module, nn.Module) and 'dtype' in _fields(type(module)):
+    module = factory(**kwargs, dtype=dtype)
+  return module
 
 
 def create(name: str, num_classes: int, *, dtype: Optional[Any] = None,
            taps: Optional[Any] = None, kwargs: Optional[Dict[str, Any]] = None,
            prefix_tokens: Optional[int] = None, grid: Optional[Sequence[int]] = None,
-           image_shape: Optional[Sequence[int]] = None):
+           image_shape: Optional[Sequence[int]] = None, train_arg: str = ''):
   """Builds model `name` with `num_classes` outputs.
 
   Args:
@@ -104,6 +134,8 @@ def create(name: str, num_classes: int, *, dtype: Optional[Any] = None,
     kwargs: keyword arguments for a factory.
     prefix_tokens, grid: how token taps become maps (see `tapping`).
     image_shape: (H, W, C); needed to find taps by tracing (a factory, or `taps` on a zoo model).
+    train_arg: how a factory's module takes the train flag ('' = from its `__call__`; a
+      parameter name, '!name' for one meaning not training, or 'none'; see `calling`).
   """
   if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
     raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}.')
@@ -111,25 +143,24 @@ def create(name: str, num_classes: int, *, dtype: Optional[Any] = None,
   if not is_factory(name):
     if kwargs:
       raise ValueError(f'model {name!r} is a zoo model: it takes no kwargs, got {dict(kwargs)}.')
+    if train_arg:
+      raise ValueError(f'model {name!r} is a zoo model: train_arg is for a factory\'s model.')
     module = _REGISTRY[name](num_classes=num_classes, dtype=dtype)
     if taps is None:
       return module
   else:
-    factory, kwargs = load_factory(name), dict(kwargs or {})
-    for key, value in (('num_classes', num_classes), ('dtype', dtype)):
-      if key not in kwargs and _accepts(factory, key) and (value is not None or key != 'dtype'):
-        kwargs[key] = value
-    module = factory(**kwargs)
+    module = _build(load_factory(name), dict(kwargs or {}), num_classes, dtype)
     if not isinstance(module, nn.Module):
       raise ValueError(f'model {name!r} returned a {type(module).__name__}, not a flax.linen '
                        'Module (an NNX module enters through flax.nnx.bridge.to_linen).')
   return tap(module, 'auto' if taps is None else taps, prefix_tokens=prefix_tokens,
-             grid=grid, image_shape=image_shape)
+             grid=grid, image_shape=image_shape, train_arg=train_arg)
 
 
 def from_config(section, num_classes: int, dtype=None, image_shape=None):
   """The model a config section describes (`name`, and for any model `taps`; for a factory
-  `kwargs`; for token taps `prefix_tokens` (-1: from the model) and `token_grid` (() = infer)).
+  `kwargs` and `train_arg`; for token taps `prefix_tokens` (-1: from the model) and
+  `token_grid` (() = infer)).
 
   `taps` is '' (the zoo's own taps; 'auto' for a factory), 'auto', or comma-separated patterns.
   Works on ConfigDicts and on plain namespaces that have only `name`."""
@@ -146,7 +177,7 @@ def from_config(section, num_classes: int, dtype=None, image_shape=None):
     raise ValueError(f'model {section.name!r} with taps found by tracing needs the image shape.')
   return create(section.name, num_classes, dtype=dtype, taps=taps, kwargs=kwargs,
                 prefix_tokens=None if prefix is None or prefix < 0 else prefix, grid=grid,
-                image_shape=image_shape)
+                image_shape=image_shape, train_arg=getattr(section, 'train_arg', '') or '')
 
 
 __all__ = ['apply_with_embedding', 'classifier_path', 'from_config', 'create', 'names', 'check_name', 'is_factory', 'Tap', 'Tapped', 'stage_final', 'tap']
