@@ -2,11 +2,22 @@
 
 Resume order: this workdir's latest complete checkpoint -> `config.resume_from` (another
 workdir's latest) -> a fresh init. A checkpoint that cannot be read is skipped with a warning
-in favour of the previous one; nothing is ever deleted except by the keep-N policy (the last
-`keep_checkpoints`, plus the best by eval top-1 when `keep_best`).
+in favour of the previous one; in the run's own workdir it is moved to
+`workdir/unreadable_checkpoints/<step>-<UTC time>`, so that the run can save that step again.
+Nothing is ever deleted except by the keep-N policy (the last `keep_checkpoints`, plus the best
+by eval top-1 when `keep_best`) and, when the disk fills up during a save, that save's own
+unfinished folder (the run then stops with one line: `errors.DiskFull`).
+
+Orbax's own log lines stay off the console unless asked for (`errors.verbose`).
 """
+import contextlib
+import errno
 import json
+import logging
 import os
+import shutil
+import sys
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -14,11 +25,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
+from jax.experimental import multihost_utils
 
 from afd_jax.distill import registry
-from afd_jax.errors import UserError, warn
+from afd_jax.errors import DiskFull, UserError, verbose, warn
 
 CHECKPOINTS = 'checkpoints'
+UNREADABLE = 'unreadable_checkpoints'  # where the run's own unreadable checkpoints are moved
+TMP_MARK = '.orbax-checkpoint-tmp'  # in the name of a folder Orbax has not finished writing
 # Settings a checkpoint must agree with to be resumed (dotted config paths, plus num_classes);
 # the running method's own section (`config.<method>.*`, e.g. afd.qk_dim) and, for a method
 # with a stage of its own, `config.pretrain.*` are added to these.
@@ -39,7 +53,7 @@ def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
   for key, value in (own.items() if own is not None and hasattr(own, 'items') else ()):
     # A method's own settings matter only when it runs; as JSON keeps them (tuples: lists).
     out[f'{config.method}.{key}'] = list(value) if isinstance(value, tuple) else value
-  if config.method in registry.names()[1:] and registry.get(config.method).pretrain is not None:
+  if config.method in registry.registered() and registry.get(config.method).pretrain is not None:
     for key, value in config.pretrain.items():  # where the stage ends and how it trains
       out[f'pretrain.{key}'] = value
   return out
@@ -48,6 +62,73 @@ def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
 def checkpoint_dir(workdir: str) -> epath.Path:
   """`workdir/checkpoints`, absolute (Orbax refuses relative paths); `gs://...` kept as is."""
   return epath.Path(workdir if '://' in str(workdir) else os.path.abspath(workdir)) / CHECKPOINTS
+
+
+class _QuietOrbax(logging.Filter):
+  """Drops Orbax's own absl log records (its notes on read-only managers, the tracebacks of a
+  failed save, which the run reports in one line) unless the user asked for them."""
+
+  def filter(self, record):
+    return verbose() or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+logging.getLogger('absl').addFilter(_QuietOrbax())
+
+
+class _QuietClosedLoops:
+  """A `sys.unraisablehook` that drops `RuntimeError: Event loop is closed` (unless verbose) and
+  passes everything else on. When one array of a restore or save fails, Orbax closes that
+  operation's asyncio loop while TensorStore still completes the other arrays; each completion
+  that finds the loop closed is reported as unraisable (a traceback each), after the failure
+  itself was raised and reported."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed' and not verbose():
+      return
+    self.previous(unraisable)
+
+
+def quiet_closed_event_loops() -> None:
+  if not isinstance(sys.unraisablehook, _QuietClosedLoops):
+    sys.unraisablehook = _QuietClosedLoops(sys.unraisablehook)
+
+
+def is_disk_full(error: Optional[BaseException]) -> bool:
+  """Is `error`, or an exception it was raised from, a full disk or quota (ENOSPC, EDQUOT, or
+  the same words in TensorStore's RESOURCE_EXHAUSTED message)?"""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if 'No space left on device' in str(error) or 'Disk quota exceeded' in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def free_bytes(path) -> Optional[int]:
+  """Free bytes on the file system holding local `path`; None for a remote or missing path."""
+  if '://' in str(path):
+    return None
+  try:
+    return shutil.disk_usage(str(path)).free
+  except OSError:
+    return None
+
+
+def folder_bytes(path) -> int:
+  """Total size of the files under local `path`."""
+  total = 0
+  for root, _, files in os.walk(str(path)):
+    for name in files:
+      with contextlib.suppress(OSError):
+        total += os.path.getsize(os.path.join(root, name))
+  return total
 
 
 def state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -74,11 +155,17 @@ def restore_args(target) -> ocp.args.PyTreeRestore:
 
 
 class Checkpoints:
-  """An Orbax CheckpointManager under `workdir/checkpoints` holding `state` and `meta` items."""
+  """An Orbax CheckpointManager under `workdir/checkpoints` holding `state` and `meta` items.
+  With `create` it is the run's own: it saves, and moves its unreadable checkpoints aside;
+  without, it only reads (another run's workdir, a teacher)."""
 
   def __init__(self, workdir: str, keep: int = 3, keep_best: bool = True,
                async_save: bool = True, create: bool = True):
     self.directory = checkpoint_dir(workdir)
+    self.read_only = not create
+    self._started = []  # the steps whose saves this object started
+    self._tmp_before = self._unfinished_folders()  # left by earlier runs: never removed here
+    quiet_closed_event_loops()
     policies = [ocp.checkpoint_managers.LatestN(max(keep, 1))]
     if keep_best:
       policies.append(ocp.checkpoint_managers.BestN(
@@ -98,26 +185,91 @@ class Checkpoints:
 
   def save(self, step: int, state, meta: Dict[str, Any],
            metrics: Optional[Dict[str, float]] = None) -> bool:
-    """Saves asynchronously; a step that already exists (unreadable, skipped earlier) is kept."""
+    """Saves asynchronously; a step that already exists (one that could not be moved aside) is
+    kept. Raises DiskFull when this save or the one before it ran out of space."""
     if step in self.manager.all_steps():
       warn(f'not saving step {step}: {self.directory / str(step)} already exists.')
       return False
-    return self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
-                                      meta=ocp.args.JsonSave(meta)),
-        metrics=metrics, force=True)
+    with self._space_checked():
+      self._started.append(step)
+      return self.manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                        meta=ocp.args.JsonSave(meta)),
+          metrics=metrics, force=True)
 
   def restore_latest(self, abstract_state) -> Optional[Tuple[Any, Dict[str, Any]]]:
-    """(state, meta) of the newest readable checkpoint, or None if there is none."""
+    """(state, meta) of the newest readable checkpoint, or None if there is none. Each one that
+    cannot be read gets one warning and, in the run's own workdir, is moved aside."""
     for step in reversed(self.steps()):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=restore_args(abstract_state), meta=ocp.args.JsonRestore()))
         return restored['state'], restored['meta']
       except Exception as e:  # pylint: disable=broad-except
-        warn(f'checkpoint {self.directory / str(step)} cannot be read and is skipped '
-              f'({type(e).__name__}: {str(e).splitlines()[0][:200]}).')
+        where = self.directory / str(step)
+        note = '' if self.read_only else self._set_aside(step)
+        warn(f'checkpoint {where} cannot be read and is skipped ({_first_line(e)}){note}.')
     return None
+
+  def _set_aside(self, step: int) -> str:
+    """Moves step `step`'s folder to `workdir/unreadable_checkpoints/<step>-<UTC time>` (process
+    0, the others wait for it) and forgets it, so that this run can save that step again.
+    Returns the warning's note on where it went, or why it stayed."""
+    stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+    target = self.directory.parent / UNREADABLE / f'{step}-{stamp}'
+    note = f'; moved to {target}'
+    if jax.process_index() == 0:
+      try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(step)).rename(target)
+      except Exception as e:  # pylint: disable=broad-except  (OSError, or a remote store's own)
+        reason = getattr(e, 'strerror', None) or type(e).__name__
+        note = f'; it could not be moved aside ({reason}), so it stays'
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'afd_jax: checkpoint {step} set aside')
+    self.manager.reload()
+    return note
+
+  def _unfinished_folders(self) -> set:
+    """Names of the folders under `checkpoints/` that Orbax has not finished writing."""
+    if not self.directory.exists():
+      return set()
+    return {p.name for p in self.directory.iterdir() if TMP_MARK in p.name}
+
+  @contextlib.contextmanager
+  def _space_checked(self):
+    """A full disk in the block (a save, or a wait for one) becomes DiskFull."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_disk_full(e):
+        raise
+      raise self._disk_full() from e
+
+  def _disk_full(self) -> DiskFull:
+    """Removes the unfinished folders of this object's failed saves (nothing written before it
+    started) and says where space ran out, how much is left and what is still complete."""
+    self.manager.reload()
+    complete = self.steps()
+    failed = [s for s in self._started if s not in complete]
+    removed = []  # the failed saves' own folders (a save that never began has none)
+    for name in sorted(self._unfinished_folders() - self._tmp_before):
+      step_name = name.split(TMP_MARK)[0]
+      if step_name.isdigit() and int(step_name) in failed and (
+          jax.process_index() > 0 or _remove_folder(self.directory / name)):
+        removed.append(int(step_name))
+    free = free_bytes(self.directory)
+    size = folder_bytes(self.directory / str(complete[-1])) if complete and free is not None else 0
+    room = (f'{free:,} bytes free there' if free is not None else 'no space left there') + (
+        f', a checkpoint takes about {size:,}' if size else '')
+    what = f'step {max(removed or failed)}' if failed else 'a step'
+    return DiskFull(
+        f'no space left on device: the checkpoint of {what} could not be written to '
+        f'{self.directory} ({room}); '
+        + ('its unfinished folder was removed; ' if removed else '')
+        + (f'the last complete checkpoint is step {complete[-1]}' if complete
+           else 'no checkpoint is complete')
+        + '. Free some space and rerun the same command to resume.')
 
   def latest_meta(self) -> Optional[Dict[str, Any]]:
     """The meta item of the newest checkpoint whose meta can be read."""
@@ -129,11 +281,30 @@ class Checkpoints:
     return None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._space_checked():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return f'{type(error).__name__}: {text.splitlines()[0][:200]}' if text else type(error).__name__
+
+
+def _remove_folder(path: epath.Path, tries: int = 3) -> bool:
+  """rmtree, retried briefly: a failed save's last writes may still land in it."""
+  for attempt in range(tries):
+    try:
+      path.rmtree()
+      return True
+    except OSError:
+      time.sleep(0.1 * (attempt + 1))
+  return False
 
 
 def check_compatible(meta: Optional[Dict[str, Any]], expected: Dict[str, Any], where: str) -> None:
@@ -278,5 +449,15 @@ def write_json(path, payload) -> None:
     return
   path = epath.Path(path)
   tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
-  tmp.replace(path)
+  try:
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
+    tmp.replace(path)
+  except OSError as e:
+    if not is_disk_full(e):
+      raise
+    with contextlib.suppress(OSError):
+      tmp.unlink()
+    free = free_bytes(path.parent)
+    raise DiskFull(f'no space left on device: {path} could not be written'
+                   + (f' ({free:,} bytes free there)' if free is not None else '')
+                   + '. Free some space and rerun the same command.') from e
