@@ -2,8 +2,9 @@
 
 Resume order: this workdir's latest complete checkpoint -> `config.resume_from` (another
 workdir's latest) -> a fresh init. A checkpoint that cannot be read is skipped with a warning
-in favour of the previous one; in the run's own workdir it is moved to
-`workdir/unreadable_checkpoints/<step>-<UTC time>`, so that the run can save that step again.
+in favour of the previous one; in the run's own workdir (one process), once an older one has
+been read, it is moved to `workdir/unreadable_checkpoints/<step>-<UTC time>`, so that the run
+can save that step again.
 Nothing is ever deleted except by the keep-N policy (the last `keep_checkpoints`, plus the best
 by eval top-1 when `keep_best`) and, when the disk fills up during a save, that save's own
 unfinished folder (the run then stops with one line: `errors.DiskFull`).
@@ -25,7 +26,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
-from jax.experimental import multihost_utils
 
 from afd_jax.distill import registry
 from afd_jax.errors import DiskFull, UserError, verbose, warn
@@ -41,7 +41,9 @@ FINGERPRINT = ('dataset.name', 'num_classes', 'student.name', 'teacher.name', 'm
 
 
 def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
-  out = {'num_classes': num_classes}
+  # The state's own dtype (float64 mode's state is float64, every other run's float32).
+  out = {'num_classes': num_classes,
+         'state_dtype': 'float64' if getattr(config, 'dtype', '') == 'float64' else 'float32'}
   for key in FINGERPRINT:
     if key == 'num_classes' or (key == 'teacher.name' and not distil):
       continue
@@ -199,34 +201,41 @@ class Checkpoints:
 
   def restore_latest(self, abstract_state) -> Optional[Tuple[Any, Dict[str, Any]]]:
     """(state, meta) of the newest readable checkpoint, or None if there is none. Each one that
-    cannot be read gets one warning and, in the run's own workdir, is moved aside."""
+    cannot be read gets one warning; in the run's own workdir, once an older one has been read
+    (so the failure is the checkpoint's, not a store that is down or a state of another
+    layout), the unreadable newer ones are moved aside. With several processes they stay (a
+    failure on one host alone must not make the hosts disagree)."""
+    unreadable = []
     for step in reversed(self.steps()):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=restore_args(abstract_state), meta=ocp.args.JsonRestore()))
-        return restored['state'], restored['meta']
       except Exception as e:  # pylint: disable=broad-except
-        where = self.directory / str(step)
-        note = '' if self.read_only else self._set_aside(step)
-        warn(f'checkpoint {where} cannot be read and is skipped ({_first_line(e)}){note}.')
+        unreadable.append((step, _first_line(e)))
+        continue
+      movable = not self.read_only and jax.process_count() == 1
+      for bad, reason in unreadable:
+        note = self._set_aside(bad) if movable else ''
+        warn(f'checkpoint {self.directory / str(bad)} cannot be read and is skipped '
+             f'({reason}){note}.')
+      return restored['state'], restored['meta']
+    for bad, reason in unreadable:
+      warn(f'checkpoint {self.directory / str(bad)} cannot be read and is skipped ({reason}).')
     return None
 
   def _set_aside(self, step: int) -> str:
-    """Moves step `step`'s folder to `workdir/unreadable_checkpoints/<step>-<UTC time>` (process
-    0, the others wait for it) and forgets it, so that this run can save that step again.
-    Returns the warning's note on where it went, or why it stayed."""
+    """Moves step `step`'s folder to `workdir/unreadable_checkpoints/<step>-<UTC time>` and
+    forgets it, so that this run can save that step again (one process only). Returns the
+    warning's note on where it went, or why it stayed."""
     stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
     target = self.directory.parent / UNREADABLE / f'{step}-{stamp}'
     note = f'; moved to {target}'
-    if jax.process_index() == 0:
-      try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (self.directory / str(step)).rename(target)
-      except Exception as e:  # pylint: disable=broad-except  (OSError, or a remote store's own)
-        reason = getattr(e, 'strerror', None) or type(e).__name__
-        note = f'; it could not be moved aside ({reason}), so it stays'
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'afd_jax: checkpoint {step} set aside')
+    try:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(target)
+    except Exception as e:  # pylint: disable=broad-except  (OSError, or a remote store's own)
+      reason = getattr(e, 'strerror', None) or type(e).__name__
+      note = f'; it could not be moved aside ({reason}), so it stays'
     self.manager.reload()
     return note
 
@@ -287,8 +296,11 @@ class Checkpoints:
   def close(self) -> None:
     try:
       self.wait()
-    finally:
-      self.manager.close()
+    except DiskFull:
+      with contextlib.suppress(Exception):  # the one line, not Orbax's own error on top of it
+        self.manager.close()
+      raise
+    self.manager.close()
 
 
 def _first_line(error: BaseException) -> str:

@@ -3,8 +3,9 @@
   python -m afd_jax.main --config=configs/<file>.py[:args] --workdir=DIR [--config.key=value ...]
 
 Rerunning the same command with the same --workdir resumes from its latest checkpoint.
-TensorFlow's and Orbax's own log lines stay off the console unless asked for: `--verbosity=0`
-(absl's INFO and up, theirs included) or the environment variable AFD_VERBOSE=1.
+TensorFlow's and Orbax's own log lines stay off the console unless asked for: any explicit
+`--verbosity` (e.g. `--verbosity=0`, absl's INFO and up) or the environment variable
+AFD_VERBOSE=1.
 """
 import sys
 

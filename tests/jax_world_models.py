@@ -61,6 +61,39 @@ def make_typed(num_classes=10, **kwargs):
   return TypedNet(num_classes=num_classes, **kwargs)
 
 
+class OutputsNet(nn.Module):
+  """Its class count is called `outputs`: a factory forwarding `**kwargs` must not be given
+  `num_classes` (nor `dtype`)."""
+  outputs: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    return PlainNet(self.outputs, name='net')(x)
+
+
+def forward_all(**kwargs):
+  """A factory that forwards everything, `num_classes` included, to its module."""
+  return OutputsNet(**kwargs)
+
+
+class RunningAverageNet(nn.Module):
+  """flax's BatchNorm convention as the flag: `use_running_average` (True in eval)."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool = True):
+    x = nn.BatchNorm(use_running_average=use_running_average)(nn.Conv(8, (3, 3))(x))
+    return nn.Dense(self.num_classes)(x.mean(axis=(1, 2)))
+
+
+class MaskNet(PlainNet):
+  """An optional second argument that is not the train flag: which it is, only a config says."""
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    return PlainNet(self.num_classes, self.width, name='net')(x if mask is None else x * mask)
+
+
 # --- train flags under other names ------------------------------------------------------------
 
 class DropBlock(nn.Module):

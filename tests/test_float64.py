@@ -193,3 +193,15 @@ def test_float64_needs_x64_and_is_not_left_on(monkeypatch):
   config.teacher.dtype = 'bfloat16'
   with pytest.raises(train.UserError, match='leave teacher.dtype empty'):
     train.validate(config)
+
+
+def test_a_float64_run_does_not_resume_a_float32_workdir_or_the_reverse():
+  from afd_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from afd_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  wide, narrow = base.get_base_config(), base.get_base_config()
+  wide.dtype = 'float64'
+  saved = {'fingerprint': checkpoint.fingerprint(narrow, 10, True)}
+  with pytest.raises(UserError, match="state_dtype: checkpoint has 'float32', config has 'float64'"):
+    checkpoint.check_compatible(saved, checkpoint.fingerprint(wide, 10, True), 'w')
+  narrow.dtype = 'bfloat16'  # activations only: the state stays float32, so it resumes
+  checkpoint.check_compatible(saved, checkpoint.fingerprint(narrow, 10, True), 'w')

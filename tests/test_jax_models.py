@@ -84,6 +84,30 @@ def test_dtype_goes_only_where_the_module_has_it():
                          image_shape=RGB).module.dtype == jnp.bfloat16
 
 
+def test_num_classes_goes_only_where_the_module_has_it():
+  model = models.create(f'{HERE}:forward_all', 7, dtype=jnp.bfloat16, image_shape=RGB).module
+  assert model.outputs == 10 and not hasattr(model, 'num_classes')
+  assert models.create(f'{HERE}:make', 7, image_shape=RGB).module.num_classes == 7
+
+
+def test_use_running_average_is_the_inverse_flag():
+  model = build('RunningAverageNet', taps='Conv_0')
+  variables, _, _ = run(model, RGB, False)
+  _, _, state = run(model, RGB, True, variables=variables)  # training updates the statistics
+  before, after = (jax.tree.leaves(v['batch_stats']) for v in (variables, state))
+  assert after and not all(np.allclose(a, b) for a, b in zip(after, before))
+  # (eval, `run(..., False)` above, applies without a mutable batch_stats: a batch norm that
+  # computed batch statistics there would have raised)
+
+
+def test_an_optional_argument_of_another_name_is_refused_naming_train_arg():
+  with pytest.raises(ValueError, match=r"optional 'mask'.*config\.student\.train_arg"):
+    build('MaskNet')
+  model = build('MaskNet', train_arg='none')
+  assert model.apply(run(model, RGB, False)[0], jnp.ones((2,) + RGB), train=True,
+                     mutable=['batch_stats'])[0][0].shape == (2, 10)
+
+
 def test_train_reaches_the_flag_the_module_declares():
   """Dropout is on in training and off in eval whatever the flag's name or meaning; a flag no
   rule knows is named by `train_arg` ('!name' when it means eval)."""

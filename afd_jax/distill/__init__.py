@@ -25,7 +25,6 @@ for _module in pkgutil.iter_modules(__path__):  # methods in files of their own 
   importlib.import_module(f'{__name__}.{_module.name}')
 
 
-
 def __getattr__(name: str):
   """`METHODS` ('none' and every method) and `DEFAULT_FEATURE_WEIGHT` (each method's
   `config.loss.feature_weight`), read from the registry when asked for, so that methods

@@ -98,9 +98,10 @@ def _fields(cls) -> List[str]:
 
 
 def _build(factory, kwargs: Dict[str, Any], num_classes: int, dtype) -> Any:
-  """`factory(**kwargs)` given `num_classes`, and `dtype` only where what it builds can take
-  it: a named parameter of the factory, or a field of the module class (the class itself as
-  the factory, or the class of what a `**kwargs` factory returns)."""
+  """`factory(**kwargs)`, given `num_classes` and `dtype` each only where what it builds can
+  take it: a named parameter of the factory, or a field of the module class (the class itself
+  as the factory, or the class of what a `**kwargs` factory returns, which is then built again
+  with them)."""
   kwargs = dict(kwargs)
   if isinstance(factory, type):
     named, forwards = _fields(factory), False
@@ -108,15 +109,16 @@ def _build(factory, kwargs: Dict[str, Any], num_classes: int, dtype) -> Any:
     params = _parameters(factory)
     named = list(params)
     forwards = any(p.kind == p.VAR_KEYWORD for p in params.values())
-  if 'num_classes' not in kwargs and ('num_classes' in named or forwards):
-    kwargs['num_classes'] = num_classes
-  if dtype is None or 'dtype' in kwargs or 'dtype' in named:
-    if dtype is not None and 'dtype' in named:
-      kwargs.setdefault('dtype', dtype)
-    return factory(**kwargs)
+  offered = {k: v for k, v in (('num_classes', num_classes), ('dtype', dtype))
+             if v is not None and k not in kwargs}
+  kwargs.update({k: v for k, v in offered.items() if k in named})
   module = factory(**kwargs)
-  if forwards and isinstance(module, nn.Module) and 'dtype' in _fields(type(module)):
-    module = factory(**kwargs, dtype=dtype)
+  forwarded = {k: v for k, v in offered.items() if k not in named}
+  if forwards and forwarded and isinstance(module, nn.Module):
+    fields = _fields(type(module))
+    forwarded = {k: v for k, v in forwarded.items() if k in fields}
+    if forwarded:
+      module = factory(**kwargs, **forwarded)
   return module
 
 

@@ -5,6 +5,8 @@ declare the flag otherwise; `Calling.of(module)` reads its `__call__` signature:
 - a parameter `train`, `training` or `is_training` (keyword-only too) gets `train`;
   `deterministic` gets `not train`;
 - else a required second positional parameter gets `train` positionally;
+- an optional second positional parameter of another name (`mask=None`; NNX's `rngs` aside)
+  is refused: whether it is the flag cannot be told, and `train_arg` says;
 - else (e.g. `__call__(self, x)`) nothing is passed.
 `train_arg` overrides the reading: a parameter name, `'!name'` for one that means *not*
 training, or `'none'`. An NNX module through `flax.nnx.bridge.to_linen` is read the same way on
@@ -23,7 +25,7 @@ from typing import Any, Callable, Optional, Tuple
 import flax.linen as nn
 
 TRAIN_NAMES = ('train', 'training', 'is_training')
-INVERSE_NAMES = ('deterministic',)
+INVERSE_NAMES = ('deterministic', 'use_running_average')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +51,16 @@ class Calling:
       if params and name in params and params[name].kind != params[name].POSITIONAL_ONLY:
         return cls(name, invert=name in INVERSE_NAMES, nnx=nnx_class is not None)
     rest = list((params or {}).values())[1:]  # after the images
+    second = rest[0] if rest and rest[0].kind in (rest[0].POSITIONAL_ONLY,
+                                                   rest[0].POSITIONAL_OR_KEYWORD) else None
+    if second is not None and second.default is not second.empty and second.name != 'rngs':
+      raise ValueError(
+          f'{target.__name__}.__call__ takes an optional {second.name!r} after the images: '
+          'whether it is the train flag cannot be told. Set config.student.train_arg (or '
+          f"config.teacher.train_arg) to {second.name!r}, '!{second.name}' if it means not "
+          "training, or 'none'.")
     takes_train = params is None or any(p.kind == p.VAR_POSITIONAL for p in rest) or (
-        rest and rest[0].kind in (rest[0].POSITIONAL_ONLY, rest[0].POSITIONAL_OR_KEYWORD)
-        and rest[0].default is rest[0].empty)
+        second is not None)
     return cls(positional=bool(takes_train), nnx=nnx_class is not None)
 
   def method(self, train: bool) -> Callable[..., Any]:
