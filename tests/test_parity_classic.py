@@ -23,6 +23,7 @@ from afd_jax.distill.at import AT
 from afd_jax.distill.fitnet import FitNet
 from afd_jax.distill.kd import kd_loss
 from afd_jax.distill.sp import SP
+from tests.test_parity_pretrain_methods import conv_in, conv_out, convt_in, convt_out
 from tests.test_reference import assert_close
 
 REFERENCE = pathlib.Path(__file__).resolve().parent / 'reference'
@@ -46,22 +47,7 @@ def maps(ref: dict, prefix: str) -> list:
 # Conv2d: torch `O x I x kh x kw`, ours HWIO. ConvTranspose2d: torch `I x O x K x K`; ours is the
 # equivalent stride-1 convolution over the input dilated by the stride (fitnet.conv_reg), whose
 # kernel is torch's rotated by 180 degrees, input and output channels in torch's order:
-# ours[h, w, i, o] = torch[i, o, K-1-h, K-1-w].
-
-def conv_in(w):
-  return w.transpose(2, 3, 1, 0)
-
-
-def conv_out(g):
-  return np.asarray(g).transpose(3, 2, 0, 1)
-
-
-def convt_in(w):
-  return w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)
-
-
-def convt_out(g):
-  return np.asarray(g).transpose(2, 3, 0, 1)[:, :, ::-1, ::-1]
+# ours[h, w, i, o] = torch[i, o, K-1-h, K-1-w] (conv_in, conv_out, convt_in, convt_out).
 
 
 # ---------------------------------------------------------------------------------------------
