@@ -8,7 +8,7 @@ example 1 of pair 0's student map is all zero (F.normalize's clamp).
 """
 import numpy as np
 
-from method_vectors import load
+from method_vectors import load, pairwise_arrays
 
 REPO = 'repdistiller'
 SEED = 3400
@@ -18,7 +18,6 @@ PAIRS = [((4, 6), (5, 3)), ((3, 3), (6, 5)), ((5, 4), (2, 4))]
 
 def make(repo_dir):
   import torch  # pylint: disable=g-import-not-at-top
-  from make_vectors import f32, nhwc  # pylint: disable=g-import-not-at-top
   at = load(repo_dir, 'distiller_zoo/AT.py')
   rng = np.random.default_rng(SEED)
   relu_noise = lambda c, h: np.maximum(rng.standard_normal((BATCH, h, h, c)), 0).astype(np.float32)
@@ -29,10 +28,4 @@ def make(repo_dir):
   g_s = [nchw(f).requires_grad_() for f in s_np]
   g_t = [nchw(f) for f in t_np]
   losses = at.Attention()(g_s, g_t)
-  loss = sum(losses)
-  loss.backward()
-  out = {'loss': f32(loss), 'per_pair': f32(torch.stack(losses))}
-  out.update({f'student/{i}': f for i, f in enumerate(s_np)})
-  out.update({f'teacher/{i}': f for i, f in enumerate(t_np)})
-  out.update({f'grad_student/{i}': nhwc(f.grad) for i, f in enumerate(g_s)})
-  return out
+  return pairwise_arrays(losses, s_np, t_np, g_s)

@@ -8,7 +8,7 @@ that divide and that do not (student 4, 4, 2, 3; teacher 6, 4, 4, 2). FSP has no
 """
 import numpy as np
 
-from method_vectors import load
+from method_vectors import load, pairwise_arrays
 
 REPO = 'repdistiller'
 SEED = 3300
@@ -20,7 +20,6 @@ TEACHER_HW = (6, 4, 4, 2)
 
 def make(repo_dir):
   import torch  # pylint: disable=g-import-not-at-top
-  from make_vectors import f32, nhwc  # pylint: disable=g-import-not-at-top
   fsp = load(repo_dir, 'distiller_zoo/FSP.py')
   torch.manual_seed(SEED)
   rng = np.random.default_rng(SEED)
@@ -32,10 +31,4 @@ def make(repo_dir):
   g_t = [torch.from_numpy(f.transpose(0, 3, 1, 2)) for f in t_np]
   criterion = fsp.FSP([f.shape for f in g_s], [f.shape for f in g_t])
   losses = criterion(g_s, g_t)
-  loss = sum(losses)
-  loss.backward()
-  out = {'loss': f32(loss), 'per_pair': f32(torch.stack(losses))}
-  out.update({f'student/{i}': f for i, f in enumerate(s_np)})
-  out.update({f'teacher/{i}': f for i, f in enumerate(t_np)})
-  out.update({f'grad_student/{i}': nhwc(f.grad) for i, f in enumerate(g_s)})
-  return out
+  return pairwise_arrays(losses, s_np, t_np, g_s)
