@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from afd_jax import cli, train
+from afd_jax import checkpoint, cli, train
 from afd_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (.py[:args]).',
@@ -48,6 +48,25 @@ def parse_flags(argv):
   return remaining
 
 
+def disk_full_line(error: BaseException) -> str:
+  """The one line for a full disk that no checkpoint save reported: the file, if known, and
+  the space left in the workdir."""
+  path = next((e.filename for e in _chain(error) if getattr(e, 'filename', None)), None)
+  free = checkpoint.free_bytes(_WORKDIR.value)
+  return (f'no space left on device' + (f' writing {path}' if path else '')
+          + (f' ({free:,} bytes free in {_WORKDIR.value})' if free is not None else '')
+          + '. Free some space and rerun the same command to resume from the last complete '
+          'checkpoint.')
+
+
+def _chain(error: BaseException):
+  seen = []
+  while error is not None and error not in seen:
+    seen.append(error)
+    error = error.__cause__ or error.__context__
+  return seen
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -57,6 +76,12 @@ def main(argv):
     summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    if not checkpoint.is_disk_full(e):
+      raise
+    # A full disk outside a checkpoint save (TensorBoard events, attention maps): one line too.
+    print(f'error: {disk_full_line(e)}', file=sys.stderr, flush=True)
     sys.exit(2)
   if summary['status'] == 'preempted':
     sys.exit(train.PREEMPTED_EXIT_CODE)

@@ -172,6 +172,26 @@ def test_full_disk_during_a_save_is_one_line_and_the_rerun_resumes_exactly(
       subprocess.run(['umount', '-l', str(disk)], check=False, timeout=60)
 
 
+def test_a_full_disk_outside_a_save_is_one_line_too(digits_data_dir, tmp_path, monkeypatch):
+  """A write that no checkpoint save guards (TensorBoard events, attention maps) runs out of
+  space: the command line still ends in one line naming the file, exit code 2."""
+  import errno  # pylint: disable=g-import-not-at-top
+
+  def full(config, workdir):
+    del config, workdir
+    try:
+      raise OSError(errno.ENOSPC, 'No space left on device', '/w/events.out.tfevents')
+    except OSError as e:
+      raise RuntimeError('the event writer failed') from e
+
+  monkeypatch.setattr(train, 'train_and_evaluate', full)
+  result = runs.cli_in_process(runs.flag_args(digits_data_dir), workdir=str(tmp_path / 'w'))
+  assert result.returncode == 2
+  (line,) = result.stderr.strip().splitlines()
+  assert line.startswith('error: no space left on device writing /w/events.out.tfevents')
+  assert 'rerun the same command to resume' in line
+
+
 def test_truncated_png_is_exactly_one_line_on_stderr(tmp_path):
   from afd_jax.data.tfimport import tf  # pylint: disable=g-import-not-at-top
   root = tmp_path / 'folder'

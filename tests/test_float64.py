@@ -205,3 +205,22 @@ def test_a_float64_run_does_not_resume_a_float32_workdir_or_the_reverse():
     checkpoint.check_compatible(saved, checkpoint.fingerprint(wide, 10, True), 'w')
   narrow.dtype = 'bfloat16'  # activations only: the state stays float32, so it resumes
   checkpoint.check_compatible(saved, checkpoint.fingerprint(narrow, 10, True), 'w')
+
+
+def test_a_float64_run_through_the_command_line_saves_a_float64_state(digits_data_dir, tmp_path):
+  """`python -m afd_jax.main --config.dtype=float64` (in this process): AFD + KD on digits, its
+  checkpointed parameters float64, x64 off again afterwards."""
+  from tests import runs  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'w'
+  result = runs.cli_in_process(runs.flag_args(digits_data_dir, num_train_steps=2, dtype='float64'),
+                               workdir=str(workdir))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert runs.summary(workdir)['final_step'] == 2 and not jax.config.jax_enable_x64
+  from afd_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from afd_jax import train  # pylint: disable=g-import-not-at-top
+  config = base.get_base_config()
+  config.dtype = 'float64'
+  with train.float64_mode(config):  # (without x64 JAX would read float64 as float32)
+    variables, _ = checkpoint.restore_raw_variables(str(workdir))
+  dtypes = {str(x.dtype) for x in jax.tree.leaves(variables)}
+  assert dtypes == {'float64'}, dtypes
