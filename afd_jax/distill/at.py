@@ -3,6 +3,9 @@
 For each matched pair of stage-final taps, `at(f) = l2normalize(flatten_hw(mean_c(f ** 2)))`
 and the pair's loss is `mean((at(s) - at(t)) ** 2)` over batch and positions; the loss is the
 sum over pairs. The attention maps are AFD's value maps (`spatial_energy`, `l2_normalize`).
+
+On WRNs the maps are afd_jax's taps, ReLU(BN(.)) of the original's raw block outputs; this
+and every other departure: docs/methods.md.
 """
 from typing import List, Optional, Sequence, Tuple
 

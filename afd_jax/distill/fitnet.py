@@ -4,6 +4,9 @@ One student tap (the guided layer) is regressed onto one teacher tap (the hint) 
 `ConvReg` (HobbitLong/RepDistiller `models/util.py`): a convolution to the teacher's channels and
 size, batch norm, ReLU; the loss is the mean squared error over every element (`nn.MSELoss`,
 `distiller_zoo/FitNet.py`). tests/test_parity_classic.py checks it against that code.
+
+On WRNs the maps are afd_jax's taps, ReLU(BN(.)) of the original's raw block outputs; this
+and every other departure: docs/methods.md.
 """
 from typing import Optional, Sequence, Tuple
 

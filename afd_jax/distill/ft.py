@@ -32,6 +32,9 @@ Freezing the paraphraser: the stage trains only the paraphraser
 (`Pretrain.frozen_after`: no update, no weight decay), as the benchmark keeps it out of the main
 optimizer. Its factor of the teacher is a constant (no gradient reaches it; the benchmark
 computes one and never applies it).
+
+On WRNs the maps are afd_jax's taps, ReLU(BN(.)) of the original's raw block outputs; this
+and every other departure: docs/methods.md.
 """
 from typing import Optional
 

@@ -15,6 +15,9 @@ original compares heights only and pools to a square; here each axis is pooled t
 the two (the same on square maps, as at.py does). The kernels are computed as `B x C x C`
 products instead of the original's `B x C x C x HW` broadcast (same values, summed in another
 order).
+
+On WRNs the maps are afd_jax's taps, ReLU(BN(.)) of the original's raw block outputs; this
+and every other departure: docs/methods.md.
 """
 from typing import List, Optional
 

@@ -20,7 +20,7 @@ The warm-up is the original's `min(1, epoch / kd_warm_up)` with its 0-based epoc
 
 Taps: the student's feature list is the last tap of every stage (`stage_final`) followed by
 its pooled embedding (`student_embedding`, as a 1 x 1 map), and likewise for the teacher: for
-the CIFAR ResNets and WRNs exactly the original's lists (student `feat[1:]` = [f1, f2, f3, f4]
+the CIFAR ResNets and WRNs the layers of the original's lists (student `feat[1:]` = [f1, f2, f3, f4]
 of `is_feat=True`, teacher `t_features[1:]` = [f1, f2, f3, f4]). Stage k of the student is
 paired with stage k of the teacher; the two models must have equal stage counts (otherwise
 the builder refuses). One difference: for the ResNets the original takes the teacher's
@@ -38,6 +38,9 @@ dvlab-research/ReviewKD @ cede6ea, CIFAR-100. Defaults: loss weight 5 (script/re
 wrn-40-2 -> wrn-16-2, :7 resnet32x4 -> resnet8x4; 0.6 for resnet56 -> resnet20, :13; 1.0 for
 resnet110 -> resnet32, :15; set `config.loss.feature_weight`), warm-up 20 epochs
 (train.py:50), CE 1 (train.py:59), no KD on logits (`--use-kl` off).
+
+On WRNs the maps are afd_jax's taps, ReLU(BN(.)) of the original's raw block outputs; this
+and every other departure: docs/methods.md.
 """
 from typing import List, Optional, Sequence, Tuple
 

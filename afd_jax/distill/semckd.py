@@ -16,7 +16,7 @@ adaptive-average-pooled to the other's size before the regressor (the student) o
 target (the teacher), as the original.
 
 Taps: the last tap of every stage of each model (`stage_final`): for the CIFAR ResNets and WRNs
-exactly the benchmark's `feat[1:-1]` (the stage outputs; its `feat[0]` is the stem, not a tap
+the layers of the benchmark's `feat[1:-1]` (the stage outputs; its `feat[0]` is the stem, not a tap
 here). For VGG, whose first tap is block 0, this includes block 0, which `feat[1:-1]` does not.
 The student and teacher may have different numbers of stages.
 
@@ -37,6 +37,9 @@ distiller_zoo/SemCKD.py of DefangChen/SemCKD @ ebe5db1), with the reasons:
 Default weight: beta 400 with CE 1 and KD 1 (T 4): scripts/run_cifar_distill.sh:25
 (`--distill semckd -r 1 -a 1 -b 400`), train_student.py:78-83 (`-r` gamma, `-a` alpha, `-b`
 beta, `--kd_T 4`), helper/loops.py:182 (`gamma * CE + alpha * KD + beta * SemCKD`).
+
+On WRNs the maps are afd_jax's taps, ReLU(BN(.)) of the original's raw block outputs; this
+and every other departure: docs/methods.md.
 """
 from typing import Optional, Sequence, Tuple
 

@@ -3,6 +3,9 @@
 On one tap of each model (by default the last), `G = flatten(f) @ flatten(f).T` (`B x B`),
 each row L2-normalised; the loss is `sum((G_t - G_s) ** 2) / B ** 2`. Under `jit` the batch is
 the global one (over every device and host), so G compares every pair of the global batch.
+
+On WRNs the maps are afd_jax's taps, ReLU(BN(.)) of the original's raw block outputs; this
+and every other departure: docs/methods.md.
 """
 from typing import Sequence
 

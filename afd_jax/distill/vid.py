@@ -15,6 +15,9 @@ eps 1e-5, PyTorch's default conv init). The original compares heights only and p
 square; here each axis is pooled to the smaller of the two (the same on square maps, as at.py
 does). The variance is `jax.nn.softplus`, equal to the original's `log(1 + exp(x))` but finite
 where that overflows (x > 88).
+
+On WRNs the maps are afd_jax's taps, ReLU(BN(.)) of the original's raw block outputs; this
+and every other departure: docs/methods.md.
 """
 from typing import List, Optional
 
