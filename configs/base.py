@@ -55,17 +55,26 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dataset.num_shards = 0       # disjoint shares of the train split, 0 = one per process; fix it
                                  # to get the same batches on any number of processes
   c.dataset.cache = True         # keep decoded examples in memory (small datasets)
+  # ViT recipe augmentations (0 = off): RandAugment (timm's rand-m9-mstd0.5-inc1 is ops 2,
+  # magnitude 9, magnitude_std 0.5) before normalisation; random erasing after it.
+  c.dataset.randaugment_ops = 0
+  c.dataset.randaugment_magnitude = 9.0
+  c.dataset.randaugment_magnitude_std = 0.5
+  c.dataset.random_erasing = 0.0  # probability per image (DeiT: 0.25, timm's 'pixel' mode)
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.name = 'wrn40x2'
   c.teacher.checkpoint = ''      # our run's workdir (Orbax) or a PyTorch .pth; '' = no teacher
   c.teacher.dtype = ''           # the teacher's activations: '' = config.dtype | float32 | bfloat16
+  c.teacher.mean = ()            # the input statistics the teacher was trained with; () = the
+  c.teacher.std = ()             # dataset's: the step re-normalises the teacher's input to them
   _model_options(c.teacher)
 
   c.student = ml_collections.ConfigDict()
   c.student.name = 'wrn16x2'
   c.student.init_checkpoint = ''  # start from these weights (our workdir or a .pth); a classifier
                                  # of another class count is re-initialised (transfer learning)
+  c.student.drop_path_rate = 0.0  # stochastic depth of the zoo's ViTs (DeiT: 0.1)
   _model_options(c.student)
 
   c.loss = ml_collections.ConfigDict()
@@ -73,6 +82,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.kd_weight = 0.9         # Hinton KD on logits; 0 disables
   c.loss.kd_temperature = 4.0
   c.loss.feature_weight = 200.0  # beta, the weight of the feature loss
+  c.loss.label_smoothing = 0.0   # of the CE targets (DeiT: 0.1)
+
+  # Mixup / CutMix on the batch, inside the step (the teacher sees the same images), as timm's
+  # Mixup in 'batch' mode; 0 alphas = off (DeiT: mixup 0.8, cutmix 1.0, switch_prob 0.5).
+  c.mixup = ml_collections.ConfigDict()
+  c.mixup.mixup_alpha = 0.0
+  c.mixup.cutmix_alpha = 0.0
+  c.mixup.prob = 1.0             # probability of mixing a batch at all
+  c.mixup.switch_prob = 0.5      # with both alphas > 0: probability of CutMix instead of Mixup
 
   c.afd = ml_collections.ConfigDict()
   c.afd.qk_dim = 128
@@ -99,7 +117,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.pretrain.weight_decay = -1.0
 
   c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'sgd'           # sgd | adamw (decoupled weight decay, masked: see optim.py)
   c.optimizer.learning_rate = 0.05   # for the global batch size below
+  c.optimizer.lr_batch_scale = 0     # >0: learning_rate * batch_size / this (DeiT: 512)
+  c.optimizer.b1 = 0.9               # adamw
+  c.optimizer.b2 = 0.999             # adamw
+  c.optimizer.eps = 1e-8             # adamw
+  c.optimizer.clip_grad_norm = 0.0   # >0: clip gradients to this global norm
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = False
   c.optimizer.weight_decay = 5e-4    # PyTorch-style: added to the gradient before momentum
@@ -108,6 +132,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optimizer.decay_epochs = (150, 180, 210)  # 1-based epochs from which lr *= decay_factor
   c.optimizer.decay_factor = 0.1
   c.optimizer.warmup_epochs = 0.0
+  c.optimizer.warmup_init_lr = 0.0   # the warm-up's first learning rate (DeiT: 1e-6)
+  c.optimizer.min_learning_rate = 0.0  # cosine: the floor it decays to (DeiT: 1e-5)
 
   c.num_epochs = 240
   c.batch_size = 64              # global, over all devices and hosts
@@ -128,5 +154,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.keep_best = True             # also keep the checkpoint with the best eval top-1
   c.resume_from = ''             # a workdir to start from when this workdir has no checkpoint
   c.plot_attention = True
+  c.ema_decay = 0.0              # >0: keep an exponential moving average of the student's
+                                 # parameters (DeiT: 0.99996) and evaluate it too (eval_ema)
   c.debug_nan_at_step = 0        # >0: make the CE loss NaN at this step (tests the divergence guard)
   return c

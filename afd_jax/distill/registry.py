@@ -20,6 +20,8 @@ import flax.linen as nn
 # The extra inputs a method may declare, each passed by the step as a keyword argument:
 INPUTS = {
     'student_logits': 'B x classes float32 logits of the student (training mode)',
+    'student_dist_logits': "B x classes float32 logits of the student's distillation-token head "
+                           "(DeiT students: models whose class names it, `distillation_head`)",
     'teacher_logits': 'B x classes float32 logits of the teacher (constants)',
     'labels': 'B int32 labels',
     'index': "B int32 indices of the examples in the training split (the data's 'index')",
