@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from afd_jax import cli, collectives, distill, models, sharding, step
+from afd_jax import task as task_lib
 
 # The step's speed in the dtypes one trains in (float64 is a mode for checking numerics).
-DTYPES = {name: step.DTYPES[name] for name in ('float32', 'bfloat16')}
+DTYPES = {name: task_lib.DTYPES[name] for name in ('float32', 'bfloat16')}
 
 
 def method_names():
@@ -79,7 +80,7 @@ class Case:
     self.method, self.bn_group_size = method, args.bn_group_size
     shape = (args.image_size, args.image_size, args.channels)
     # CIFAR's 50000 training examples at 781 steps per epoch (methods with per-example state).
-    self.task = step.task_from_config(config, args.num_classes, 781, DTYPES[args.dtype], shape,
+    self.task = task_lib.task_from_config(config, args.num_classes, 781, DTYPES[args.dtype], shape,
                                       num_train_examples=50000)
     rep = sharding.replicated(mesh)
     images = jnp.zeros((2,) + shape)
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
   if unknown:
     parser.error(f'unknown method(s) {unknown}; choose from all, {", ".join(method_names())}')
   try:  # the models' taps (patterns that match nothing, a token grid that cannot be known)
-    step.task_from_config(bench_config('kd', args.teacher, args.student, args.qk_dim,
+    task_lib.task_from_config(bench_config('kd', args.teacher, args.student, args.qk_dim,
                                        model_options(args, 'teacher'),
                                        model_options(args, 'student')),
                           args.num_classes, 781, jnp.float32,

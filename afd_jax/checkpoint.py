@@ -29,6 +29,7 @@ from flax import serialization
 
 from afd_jax.distill import registry
 from afd_jax.errors import DiskFull, UserError, verbose, warn
+from afd_jax.state import TrainState
 
 CHECKPOINTS = 'checkpoints'
 UNREADABLE = 'unreadable_checkpoints'  # where the run's own unreadable checkpoints are moved
@@ -58,7 +59,13 @@ def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
   if config.method in registry.registered() and registry.get(config.method).pretrain is not None:
     for key, value in config.pretrain.items():  # where the stage ends and how it trains
       out[f'pretrain.{key}'] = value
+  if getattr(config, 'ema_decay', 0.0) > 0:  # the state holds a moving average
+    out['ema_decay'] = config.ema_decay
   return out
+
+
+# Fingerprint keys that older checkpoints lack, with the value they had (their runs' default).
+FINGERPRINT_DEFAULTS = {'ema_decay': 0.0}
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -208,8 +215,7 @@ class Checkpoints:
     unreadable = []
     for step in reversed(self.steps()):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=restore_args(abstract_state), meta=ocp.args.JsonRestore()))
+        restored = self._restore(step, abstract_state)
       except Exception as e:  # pylint: disable=broad-except
         unreadable.append((step, _first_line(e)))
         continue
@@ -222,6 +228,23 @@ class Checkpoints:
     for bad, reason in unreadable:
       warn(f'checkpoint {self.directory / str(bad)} cannot be read and is skipped ({reason}).')
     return None
+
+  def _restore(self, step: int, abstract_state) -> Dict[str, Any]:
+    """{'state', 'meta'} of `step`. A state saved before TrainState had `ema` (a run without a
+    moving average) is read into the fields it has."""
+    restore = lambda target: self.manager.restore(step, args=ocp.args.Composite(
+        state=restore_args(target), meta=ocp.args.JsonRestore()))
+    try:
+      return restore(abstract_state)
+    except Exception as first:  # pylint: disable=broad-except
+      if not isinstance(abstract_state, TrainState) or abstract_state.ema:
+        raise
+      fields = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
+      try:
+        restored = restore({k: getattr(abstract_state, k) for k in fields})
+      except Exception:  # pylint: disable=broad-except
+        raise first from None
+      return {**restored, 'state': TrainState(**restored['state'])}
 
   def _set_aside(self, step: int) -> str:
     """Moves step `step`'s folder to `workdir/unreadable_checkpoints/<step>-<UTC time>` and
@@ -323,7 +346,8 @@ def check_compatible(meta: Optional[Dict[str, Any]], expected: Dict[str, Any], w
   """Refuses to resume from a checkpoint written under other key settings."""
   if not meta:
     return
-  saved = meta.get('fingerprint', {})
+  saved = {**FINGERPRINT_DEFAULTS, **meta.get('fingerprint', {})}
+  expected = {**FINGERPRINT_DEFAULTS, **expected}
   diffs = [f'{k}: checkpoint has {saved[k]!r}, config has {v!r}'
            for k, v in expected.items() if k in saved and saved[k] != v]
   if diffs:

@@ -12,12 +12,14 @@ import optax
 @flax.struct.dataclass
 class TrainState:
   """`params`/`batch_stats` hold `{'student': ..., 'distiller': ...}` (the distiller's may be
-  empty); `rng` is the base key, folded with the step inside the step."""
+  empty); `rng` is the base key, folded with the step inside the step; `ema` is the moving
+  average of the student's variables (`{'params', 'batch_stats'}`), empty where it is off."""
   step: jax.Array
   params: Dict[str, Any]
   batch_stats: Dict[str, Any]
   opt_state: optax.OptState
   rng: jax.Array
+  ema: Dict[str, Any] = flax.struct.field(default_factory=dict)
 
 
 def variables_of(part: str, params: Dict[str, Any], batch_stats: Dict[str, Any]):
@@ -32,3 +34,4 @@ def student_variables(state: TrainState) -> Dict[str, Any]:
 
 def distiller_variables(state: TrainState) -> Dict[str, Any]:
   return variables_of('distiller', state.params, state.batch_stats)
+

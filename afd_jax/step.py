@@ -10,8 +10,7 @@ labels, example indices, embeddings, ...). A method with a pre-training stage
 (`make_pretrain_step`): only the method's loss, only the parts it names, its own optimizer
 state (`opt_state` is then `(pretrain, main)`).
 """
-import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import flax.linen as nn
 import jax
@@ -19,214 +18,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from afd_jax import distill, layers, models, optim, sharding
-from afd_jax.distill import cross_entropy, kd_loss
+from afd_jax import layers, models, sharding
+from afd_jax.distill import cross_entropy, kd_loss, soft_cross_entropy
+from afd_jax.mixing import mix_batch
 from afd_jax.state import TrainState, variables_of
+from afd_jax.task import Task, cast_floats
 
 Batch = Dict[str, jax.Array]
-# Activation dtypes by their config names (`config.dtype`, `config.teacher.dtype`). 'float64'
-# (with jax_enable_x64) makes the whole step float64, parameters and state included: a mode
-# for checking numerics, not for speed.
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': jnp.float64}
 Metrics = Dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-  """Everything static about a training run's step.
-
-  `teacher` and `distiller` are None when training a model alone; `feature_name` names the
-  feature-loss metric (e.g. 'afd').
-  """
-  student: nn.Module
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
-  teacher: Optional[nn.Module] = None
-  distiller: Optional[nn.Module] = None
-  feature_name: str = 'feature'
-  ce_weight: float = 1.0
-  kd_weight: float = 0.0
-  kd_temperature: float = 4.0
-  feature_weight: float = 0.0
-  bn_group_size: int = 0  # training batch norms of student and distiller: 0 = global batch
-  nan_at_step: int = -1  # Fault injection (tests of the divergence guard): CE is NaN at this step.
-  distiller_inputs: Tuple[str, ...] = ()  # extra inputs of the distiller (registry.INPUTS)
-  steps_per_epoch: int = 1
-  pretrain: Optional['PretrainTask'] = None
-  # None: the state as the modules create it (float32); float64: every floating leaf of the
-  # state, and the images, in that dtype (`cast_floats`).
-  param_dtype: Optional[Any] = None
-
-  @property
-  def distils_features(self) -> bool:
-    """Does the main step compute the distiller? Not at weight 0 (AB and FSP, which act in
-    their own stage only)."""
-    return self.distiller is not None and self.feature_weight != 0
-
-  @property
-  def needs_teacher(self) -> bool:
-    return self.distils_features or self.kd_weight > 0
-
-  @property
-  def pretrain_steps(self) -> int:
-    return self.pretrain.steps if self.pretrain is not None else 0
-
-  @property
-  def attention(self) -> bool:
-    """Is the distiller's aux a `B x T x S` attention (`Method.attention` of `feature_name`)?"""
-    registered = distill.registry.registered()
-    return (self.distiller is not None and self.feature_name in registered
-            and distill.registry.get(self.feature_name).attention)
-
-  def needs(self, *inputs: str) -> bool:
-    return any(i in self.distiller_inputs for i in inputs)
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainTask:
-  """The method's own stage before the main training (`registry.Pretrain`): `steps` steps of
-  `tx` on the parts in `trains`, minimising the distiller's `method`; `classifier` is the
-  student classifier's module path, left out of 'student_body'."""
-  steps: int
-  tx: optax.GradientTransformation
-  trains: Tuple[str, ...]
-  method: str
-  learning_rate: float
-  classifier: Tuple[str, ...] = ()
-  distiller_params: Tuple[str, ...] = ()  # the groups the stage trains; empty: all
-  frozen_after: Tuple[str, ...] = ()  # the groups the main stage leaves unchanged
-
-
-def is_distillation(config) -> bool:
-  """A teacher is needed for a feature loss or for KD on logits."""
-  return config.method != 'none' or config.loss.kd_weight > 0
-
-
-def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.float32,
-                     image_shape=None, num_train_examples: int = 0, train_labels=None) -> Task:
-  """The Task a config describes (models, distiller, objective, optimizer and schedule).
-
-  `config` needs attribute access only (an ml_collections ConfigDict, or namespaces in the
-  benchmark, which runs without ml_collections). `image_shape` (H, W, C) is needed for models
-  whose taps are found by tracing (`models.from_config`) and for a pre-training stage. The
-  teacher computes in `config.teacher.dtype` where that is set ('float32' or 'bfloat16'), else
-  in `dtype`; float64 (which needs jax_enable_x64) makes the whole state float64 too.
-  `num_train_examples`: the training split's size, for methods that keep per-example state
-  (0 where unknown); `train_labels`: its labels by index, for methods that declare
-  `needs_train_labels` (None where unknown)."""
-  distil = is_distillation(config)
-  wide = dtype is not None and jnp.dtype(dtype) == jnp.dtype('float64')
-  if wide and not jax.config.jax_enable_x64:
-    raise ValueError("dtype float64 needs jax_enable_x64: jax.config.update('jax_enable_x64', "
-                     'True), or build the task inside jax.enable_x64(True).')
-  student = models.from_config(config.student, num_classes, dtype, image_shape)
-  teacher_dtype = getattr(config.teacher, 'dtype', '')
-  teacher_dtype = DTYPES[teacher_dtype] if teacher_dtype else dtype
-  teacher = (models.from_config(config.teacher, num_classes, teacher_dtype, image_shape)
-             if distil else None)
-  distiller = distill.create(config.method, config, student.taps(),
-                             teacher.taps() if teacher else (), num_classes=num_classes,
-                             num_train_examples=num_train_examples,
-                             steps_per_epoch=steps_per_epoch, train_labels=train_labels)
-  method = distill.registry.get(config.method) if distiller is not None else None
-  pretrain = None
-  if method is not None and method.pretrain is not None:
-    pretrain = pretrain_task(config, method.pretrain, student, steps_per_epoch, image_shape)
-  schedule = optim.learning_rate_schedule(config.optimizer, steps_per_epoch, config.num_epochs)
-  tx = optim.make_optimizer(config.optimizer, schedule)  # counts its own (main-stage) updates
-  if pretrain is not None and pretrain.steps:  # the reported rate, by state.step
-    main_schedule, offset = schedule, pretrain.steps
-    schedule = lambda count: main_schedule(jnp.maximum(count - offset, 0))
-  return Task(student=student, teacher=teacher, distiller=distiller, tx=tx, schedule=schedule,
-              feature_name=config.method, ce_weight=config.loss.ce_weight,
-              kd_weight=config.loss.kd_weight, kd_temperature=config.loss.kd_temperature,
-              feature_weight=config.loss.feature_weight if distiller else 0.0,
-              bn_group_size=getattr(config, 'bn_group_size', 0),
-              distiller_inputs=method.inputs if method is not None else (),
-              steps_per_epoch=steps_per_epoch, param_dtype=jnp.float64 if wide else None,
-              pretrain=pretrain)  # kept at 0 steps too: the state's layout is the method's
-
-
-def pretrain_task(config, spec: 'distill.registry.Pretrain', student, steps_per_epoch: int,
-                  image_shape) -> PretrainTask:
-  """The pre-training stage of `config` (`config.pretrain.*`, else `spec`'s defaults): SGD with
-  momentum and coupled weight decay at a constant learning rate, as the CRD benchmark's
-  `init()` (PyTorch's SGD: `g + wd * p` into the momentum buffer)."""
-  def option(key):  # config.pretrain.<key>; negative or absent: the method's default
-    value = distill.registry.option(config, 'pretrain', key, -1)
-    return getattr(spec, key) if value is None or value < 0 else value
-
-  epochs, lr = option('epochs'), option('learning_rate')
-  tx = optax.chain(optax.add_decayed_weights(option('weight_decay')),
-                   optax.sgd(lr, momentum=option('momentum') or None))
-  classifier = ()
-  if 'student_body' in spec.trains:
-    if image_shape is None:
-      raise ValueError('a pre-training stage of the student body needs image_shape.')
-    abstract = jax.eval_shape(lambda: student.init(
-        jax.random.PRNGKey(0), jnp.zeros((2,) + tuple(image_shape)), train=False))
-    classifier = models.classifier_path(student, abstract, image_shape)
-  return PretrainTask(steps=int(round(epochs * steps_per_epoch)), tx=tx, trains=spec.trains,
-                      method=spec.method, learning_rate=float(lr), classifier=classifier,
-                      distiller_params=tuple(spec.distiller_params),
-                      frozen_after=tuple(spec.frozen_after))
-
-
-def check_batch_norm_groups(task: Task, image_shape) -> None:
-  """With `bn_group_size` > 0, a ValueError if the student normalises with flax's own
-  `nn.BatchNorm`, which the grouping does not reach (it would silently stay global). Found by
-  one abstract trace of the student in training mode; afd_jax's models use `layers.BatchNorm`."""
-  if not task.bn_group_size:
-    return
-  found = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
-      found.append('/'.join(context.module.path) or type(context.module).__name__)
-    return next_fun(*args, **kwargs)
-
-  def forward(images):
-    variables = task.student.init(jax.random.PRNGKey(0), images, train=False)
-    return task.student.apply(variables, images, train=True, mutable=True)
-
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(forward, jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32))
-  if found:
-    raise ValueError(
-        f'bn_group_size={task.bn_group_size} applies to afd_jax.layers.BatchNorm, but the student '
-        f'normalises with flax.linen.BatchNorm at {", ".join(sorted(set(found))[:3])}; use '
-        f'afd_jax.layers.BatchNorm in the model, or bn_group_size=0.')
-
-
-def cast_floats(tree, dtype):
-  """`tree` with every floating leaf in `dtype` (None: `tree` itself)."""
-  if dtype is None:
-    return tree
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def check_float64(task: Task, image_shape) -> None:
-  """With `param_dtype` float64: a ValueError naming each model whose logits or taps come out
-  narrower (a hard float32 cast in it), found by one abstract trace of each in inference mode."""
-  if task.param_dtype is None:
-    return
-  images = jax.ShapeDtypeStruct((2,) + tuple(image_shape), task.param_dtype)
-  for role, model in (('student', task.student), ('teacher', task.teacher)):
-    if model is None:
-      continue
-
-    def forward(x, model=model):
-      variables = cast_floats(model.init(jax.random.PRNGKey(0), x, train=False), task.param_dtype)
-      return model.apply(variables, x, train=False)
-
-    logits, features = jax.eval_shape(forward, images)
-    narrow = sorted({str(a.dtype) for a in jax.tree.leaves((logits, features))
-                     if a.dtype != task.param_dtype})
-    if narrow:
-      raise ValueError(f'dtype float64: the {role} model returns {"/".join(narrow)} logits or '
-                       'taps (it casts them), so its step would not be float64; use dtype '
-                       'float32 with it.')
 
 
 def _forward(model, variables, images, train: bool, embedding: bool, **kwargs):
@@ -290,8 +89,9 @@ def init_state(task: Task, rng: jax.Array, image_shape, teacher_abstract=None) -
   opt_state = task.tx.init(params)
   if task.pretrain is not None:
     opt_state = (task.pretrain.tx.init(params), opt_state)
+  ema = variables_of('student', params, stats) if task.ema_decay > 0 else {}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
-                    opt_state=opt_state, rng=base_rng)
+                    opt_state=opt_state, rng=base_rng, ema=ema)
 
 
 def _main_opt_state(task: Task, opt_state):
@@ -305,17 +105,22 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
   def train_step(state: TrainState, teacher_vars, batch: Batch):
     images, labels = cast_floats(batch['image'], task.param_dtype), batch['label']
     rng = jax.random.fold_in(state.rng, state.step)
+    targets = None
+    if task.mixing.soft_targets:  # the teacher sees the mixed images too
+      images, targets = mix_batch(images, labels, jax.random.fold_in(rng, 2), task.mixing,
+                                  task.num_classes)
     t_logits = t_feats = t_embedding = None
     if task.needs_teacher:
       t_logits, t_feats, t_embedding = jax.lax.stop_gradient(
-          _forward(task.teacher, teacher_vars, images, False, embed))
+          _forward(task.teacher, teacher_vars, teacher_images(task, images), False, embed))
 
     def loss_fn(params):
       with layers.batch_norm_groups(task.bn_group_size):
         (logits, s_feats, s_embedding), s_updates = _forward(
             task.student, variables_of('student', params, state.batch_stats),
             images, True, embed, mutable=['batch_stats'], rngs={'dropout': rng})
-      terms = {'ce': cross_entropy(logits, labels)}
+      terms = {'ce': cross_entropy(logits, labels) if targets is None
+               else soft_cross_entropy(logits, targets)}
       if task.nan_at_step > 0:
         terms['ce'] = jnp.where(state.step + 1 == task.nan_at_step, jnp.nan, terms['ce'])
       loss = task.ce_weight * terms['ce']
@@ -352,10 +157,28 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
     if task.attention and aux is not None:  # B x T x S: its batch mean is logged and plotted
       metrics['attention'] = jnp.mean(aux, axis=0)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
-                              opt_state=opt_state)
+                              opt_state=opt_state,
+                              ema=moving_average(task, state.ema, params, stats))
     return new_state, metrics
 
   return train_step
+
+
+def teacher_images(task: Task, images: jax.Array) -> jax.Array:
+  """The student's normalised images as the teacher expects them (`Task.teacher_input`)."""
+  if task.teacher_input is None:
+    return images
+  scale, shift = (jnp.asarray(v, images.dtype) for v in task.teacher_input)
+  return images * scale + shift
+
+
+def moving_average(task: Task, ema, params, batch_stats):
+  """timm's ModelEmaV2 on the student's variables: `decay * ema + (1 - decay) * new`, batch
+  statistics included; `ema` as it is where the run keeps none."""
+  if task.ema_decay <= 0:
+    return ema
+  new = variables_of('student', params, batch_stats)
+  return optax.incremental_update(new, ema, step_size=1.0 - task.ema_decay)
 
 
 def _zero_groups(updates, groups: Tuple[str, ...]):
@@ -395,7 +218,7 @@ def make_pretrain_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[T
     images = cast_floats(batch['image'], task.param_dtype)
     rng = jax.random.fold_in(state.rng, state.step)
     t_logits, t_feats, t_embedding = jax.lax.stop_gradient(
-        _forward(task.teacher, teacher_vars, images, False, embed))
+        _forward(task.teacher, teacher_vars, teacher_images(task, images), False, embed))
 
     def loss_fn(params):
       student_vars = variables_of('student', params, state.batch_stats)

@@ -18,11 +18,13 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from afd_jax import checkpoint, data, distill, metrics, models, sharding, step, workdir_lock
+from afd_jax import checkpoint, data, distill, metrics, models, optim, sharding, step, workdir_lock
+from afd_jax import task as task_lib
 from afd_jax.errors import UserError, warn
+from afd_jax.mixing import Mixing
 from afd_jax.state import student_variables
 
-DTYPES = step.DTYPES
+DTYPES = task_lib.DTYPES
 TEACHER_DTYPES = ('float32', 'bfloat16')  # float64 is the whole step's (dtype) or nothing
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, a checkpoint was saved; rerun to resume.
 
@@ -56,13 +58,22 @@ def validate(config) -> None:
                       f'split, which a streamed pipeline (dataset.shuffle_buffer='
                       f'{config.dataset.shuffle_buffer}) does not know; set '
                       'dataset.shuffle_buffer=0 to hold the split in memory.')
-  distil = step.is_distillation(config)
+  distil = task_lib.is_distillation(config)
   names = [config.student.name] + ([config.teacher.name] if distil else [])
   for name in names:
     try:
       models.check_name(name)
     except ValueError as e:
       raise UserError(str(e)) from None
+  optim.check(config.optimizer)
+  problems = Mixing.from_config(config).problems()
+  if problems:
+    raise UserError(problems[0])
+  if not 0 <= config.ema_decay < 1:
+    raise UserError(f'ema_decay must be in [0, 1) (0 = off), got {config.ema_decay}.')
+  if config.student.drop_path_rate and not 0 <= config.student.drop_path_rate < 1:
+    raise UserError(f'student.drop_path_rate must be in [0, 1), got '
+                    f'{config.student.drop_path_rate}.')
   if config.dtype not in DTYPES:
     raise UserError(f'dtype must be one of {", ".join(DTYPES)}, got {config.dtype!r}.')
   if config.teacher.dtype and config.teacher.dtype not in TEACHER_DTYPES:
@@ -122,6 +133,16 @@ def evaluate(eval_step, variables, config, info, mesh) -> Dict[str, float]:
   return {'top1': 100 * float(totals['correct1']) / count,
           'top5': 100 * float(totals['correct5']) / count,
           'loss': float(totals['loss_sum']) / count, 'count': int(totals['count'])}
+
+
+def evaluate_student(eval_step, state, config, info, mesh) -> Dict[str, float]:
+  """`evaluate` of the student; where the run keeps a moving average of it, also of that
+  (`ema_top1`, `ema_top5`, `ema_loss`)."""
+  out = evaluate(eval_step, student_variables(state), config, info, mesh)
+  if state.ema:
+    ema = evaluate(eval_step, state.ema, config, info, mesh)
+    out.update({f'ema_{k}': v for k, v in ema.items() if k != 'count'})
+  return out
 
 
 def lock_workdir(workdir: str) -> Optional[workdir_lock.WorkdirLock]:
@@ -196,7 +217,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
                     f'of {per_device}: groups span devices, so batch norm still communicates.')
   info = data.dataset_info(config, process_count=jax.process_count(),
                            num_devices=mesh.shape[sharding.DATA])
-  distil = step.is_distillation(config)
+  distil = task_lib.is_distillation(config)
   steps_per_epoch = data.steps_per_epoch(config, info, jax.process_count())
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(round(config.num_epochs * steps_per_epoch)))
@@ -221,7 +242,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   rep = sharding.replicated(mesh)
   teacher_vars = None
   if distil:
-    teacher_vars = jax.device_put(step.cast_floats(
+    teacher_vars = jax.device_put(task_lib.cast_floats(
         checkpoint.load_teacher(config, teacher, info.num_classes, info.image_shape),
         task.param_dtype), rep)
 
@@ -251,11 +272,13 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
         initial = checkpoint.load_model_variables(
             config.student.init_checkpoint, config.student.name, student, info.num_classes,
             info.image_shape, 'student.init_checkpoint', new_head_ok=True)
-        initial = step.cast_floats(initial, task.param_dtype)
+        initial = task_lib.cast_floats(initial, task.param_dtype)
         state = state.replace(
             params={**state.params, 'student': jax.device_put(initial['params'], rep)},
             batch_stats={**state.batch_stats,
                          'student': jax.device_put(initial['batch_stats'], rep)})
+        if state.ema:  # the average starts from the loaded weights
+          state = state.replace(ema=student_variables(state))
         writer.console(f'student initialised from {config.student.init_checkpoint}')
     start_step = int(state.step)
     checkpoint.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
@@ -324,12 +347,12 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
       epoch = done // steps_per_epoch
       save_metrics = None
       if epoch_end and (epoch % config.eval_every_epochs == 0 or done == total_steps):
-        eval_metrics = evaluate(eval_student, student_variables(state), config, info,
-                                mesh)
+        eval_metrics = evaluate_student(eval_student, state, config, info, mesh)
         save_metrics = {'top1': eval_metrics['top1']}
         writer.scalars(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
         writer.console(f'eval at step {done}: top1 {eval_metrics["top1"]:.2f} '
-                       f'top5 {eval_metrics["top5"]:.2f} loss {eval_metrics["loss"]:.4f}')
+                       f'top5 {eval_metrics["top5"]:.2f} loss {eval_metrics["loss"]:.4f}'
+                       + (f' (ema top1 {eval_metrics["ema_top1"]:.2f})' if state.ema else ''))
         if attention:
           save_attention(workdir, done, np.mean(attention, axis=0), student, teacher, config,
                          task.distiller)
@@ -341,7 +364,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
         writer.console(f'preemption notice: saved step {done}; rerun the same command to resume.')
         break
     if status == 'finished' and eval_metrics is None:  # resumed at the end: evaluate once
-      eval_metrics = evaluate(eval_student, student_variables(state), config, info, mesh)
+      eval_metrics = evaluate_student(eval_student, state, config, info, mesh)
   finally:
     train_iter = None  # Close the input pipeline now, not at interpreter exit.
     # Each is closed even where another raises, in reverse order: the SIGTERM handler last, so
@@ -370,19 +393,19 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   return summary
 
 
-def make_task(config, info: data.DatasetInfo, steps_per_epoch: int) -> step.Task:
-  """The run's Task (`step.task_from_config`) for this dataset: the split's size, and its labels
+def make_task(config, info: data.DatasetInfo, steps_per_epoch: int) -> task_lib.Task:
+  """The run's Task (`task_lib.task_from_config`) for this dataset: the split's size, and its labels
   for a method that declares `needs_train_labels`. Raises UserError."""
   try:
     method = (distill.registry.get(config.method)
-              if step.is_distillation(config) and config.method != 'none' else None)
+              if task_lib.is_distillation(config) and config.method != 'none' else None)
     train_labels = (data.train_labels(config, info, jax.process_count())
                     if method is not None and method.needs_train_labels else None)
-    task = step.task_from_config(config, info.num_classes, steps_per_epoch, DTYPES[config.dtype],
+    task = task_lib.task_from_config(config, info.num_classes, steps_per_epoch, DTYPES[config.dtype],
                                  info.image_shape, num_train_examples=info.num_train,
                                  train_labels=train_labels)
-    step.check_batch_norm_groups(task, info.image_shape)
-    step.check_float64(task, info.image_shape)
+    task_lib.check_batch_norm_groups(task, info.image_shape)
+    task_lib.check_float64(task, info.image_shape)
   except (ValueError, TypeError) as e:  # a factory's kwargs, taps that match nothing, a grid
     raise UserError(str(e)) from None
   return task

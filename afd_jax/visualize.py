@@ -21,6 +21,7 @@ import numpy as np
 from absl import flags, logging
 
 from afd_jax import checkpoint, cli, data, distill, sharding, step, train, viz
+from afd_jax import task as task_lib
 from afd_jax.errors import UserError
 from afd_jax.state import distiller_variables, student_variables
 
@@ -67,12 +68,12 @@ def tap_names(workdir: str, config, shape):
       names = json.load(f)
     t_names, s_names = names['teacher'], names['student']
   else:
-    task = step.task_from_config(config, 1, 1)
+    task = task_lib.task_from_config(config, 1, 1)
     t_names = [t.name for t in task.teacher.taps()]
     s_names = [t.name for t in task.student.taps()]
   if tuple(shape) == (len(t_names), len(s_names)):  # every tap
     return t_names, s_names
-  task = task or step.task_from_config(config, 1, 1)
+  task = task or task_lib.task_from_config(config, 1, 1)
   return viz.link_labels(task.distiller, t_names, s_names)
 
 
@@ -93,7 +94,7 @@ def checkpoint_attention(workdir: str, config):
   """Mean attention over the eval split, from the latest checkpoint (inference mode)."""
   mesh = sharding.make_mesh(config.mesh_shape)
   info = data.dataset_info(config, process_count=jax.process_count())
-  task = step.task_from_config(config, info.num_classes, 1, train.DTYPES[config.dtype],
+  task = task_lib.task_from_config(config, info.num_classes, 1, train.DTYPES[config.dtype],
                                info.image_shape)
   teacher_vars = checkpoint.load_teacher(config, task.teacher, info.num_classes, info.image_shape)
   rep = sharding.replicated(mesh)

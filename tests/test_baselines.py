@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from afd_jax import bench, distill, models, sharding, step, train
+from afd_jax import bench, distill, models, sharding, train
+from afd_jax import task as task_lib
 from afd_jax.distill import AT, SP, FitNet
 from afd_jax.errors import UserError
 from configs import base, methods
@@ -350,7 +351,7 @@ def test_method_configs_state_crd_weights():
   assert 'none' not in distill.DEFAULT_FEATURE_WEIGHT and all(
       distill.DEFAULT_FEATURE_WEIGHT[m] == expect[m][2] for m in ('fitnet', 'at', 'sp', 'afd'))
   c.student.name, c.teacher.name = 'resnet8', 'resnet14'
-  task = step.task_from_config(c, 4, 10)
+  task = task_lib.task_from_config(c, 4, 10)
   assert isinstance(task.distiller, SP) and task.feature_name == 'sp'
   assert (task.ce_weight, task.kd_weight, task.feature_weight) == (1.0, 0.9, 3000.0)
   with pytest.raises(ValueError, match='Unknown method'):
@@ -405,7 +406,7 @@ def test_a_registered_method_is_a_config_method(registered_toy_method):
   assert c.loss.feature_weight == 7.0 and (c.loss.ce_weight, c.loss.kd_weight) == (1.0, 0.0)
   c.student.name, c.teacher.name = 'resnet8', 'resnet14'
   train.validate(c)
-  task = step.task_from_config(c, 4, 10)
+  task = task_lib.task_from_config(c, 4, 10)
   assert type(task.distiller).__name__ == 'LastTapMSE' and task.feature_name == 'toy_last_mse'
   with pytest.raises(ValueError, match='already registered'):
     distill.registry.register(registered_toy_method)

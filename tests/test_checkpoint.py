@@ -21,6 +21,7 @@ import optax
 import pytest
 
 from afd_jax import checkpoint, models, step, train, workdir_lock
+from afd_jax import task as task_lib
 from afd_jax.errors import UserError
 from afd_jax.interop import torch as torch_interop
 from tests import runs
@@ -328,7 +329,7 @@ def write_source(kind, variables, tmp_path):
     return path
   path = tmp_path / 'source'
   schedule = optax.constant_schedule(0.1)
-  task = step.Task(student=models.create('resnet8', 7), tx=optax.sgd(schedule), schedule=schedule)
+  task = task_lib.Task(student=models.create('resnet8', 7), tx=optax.sgd(schedule), schedule=schedule)
   state = jax.jit(lambda k: step.init_state(task, k, (8, 8, 1)))(jax.random.PRNGKey(1))
   state = state.replace(params={**state.params, 'student': variables['params']},
                         batch_stats={**state.batch_stats, 'student': variables['batch_stats']})

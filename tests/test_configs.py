@@ -6,7 +6,8 @@ import itertools
 
 import pytest
 
-from afd_jax import models, step, train
+from afd_jax import models, train
+from afd_jax import task as task_lib
 from configs import cifar100, digits, imagenet, methods, quickstart, transfer
 
 STABLE_NAMES = ('dataset.name', 'teacher.name', 'teacher.checkpoint', 'student.name', 'method',
@@ -56,7 +57,7 @@ def test_config_builds_and_validates(label, config):
       node = node[part]
   train.validate(config)
   assert config.student.name in models.names()
-  if step.is_distillation(config):
+  if task_lib.is_distillation(config):
     assert config.teacher.name in models.names()
     assert config.name and config.num_epochs > 0, label
   # A locked config (as the CLI builds it) refuses a misspelt key.
@@ -86,7 +87,7 @@ def test_method_weights_follow_the_documented_recipes():
   assert (kd.method, kd.loss.ce_weight, kd.loss.kd_weight) == ('none', 0.1, 0.9)
   alone = cifar100.get_config('model=resnet56')
   assert (alone.method, alone.loss.kd_weight, alone.student.name) == ('none', 0.0, 'resnet56')
-  assert not step.is_distillation(alone)
+  assert not task_lib.is_distillation(alone)
   im = imagenet.get_config('method=afd')
   assert (im.loss.feature_weight, im.batch_size, im.optimizer.learning_rate,
           tuple(im.optimizer.decay_epochs)) == (50.0, 256, 0.1, (31, 61, 91))

@@ -5,7 +5,7 @@ float64 by tests/reference/make_replay_vectors.py (resnet20 -> resnet8 on 10 x 1
 batch 4, AFD with qk_dim 32; CE + 0.9 KD(T=4) + 200 AFD; SGD, momentum 0.9, weight decay 5e-4
 on the student and the AFD module; teacher in eval mode). Here the same initial weights
 (redrawn from the file's seeds by tests/reference/weights.py) enter a Task that
-`step.task_from_config` builds from a config with `dtype='float64'`, as train.py builds it,
+`task_lib.task_from_config` builds from a config with `dtype='float64'`, as train.py builds it,
 and `step.make_train_step` replays the same batches. Every step's CE, KD, AFD and total loss,
 and the final parameters and running statistics stored, agree within 1e-9 relative. In
 float32, rounding grows chaotically over training steps (to 1e-3 after ten steps), so only
@@ -27,6 +27,7 @@ import optax
 import pytest
 
 from afd_jax import step
+from afd_jax import task as task_lib
 from afd_jax.interop import torch as torch_interop
 from afd_jax.state import TrainState
 from configs import base
@@ -70,13 +71,13 @@ def replay_config(data):
 def make_task(data):
   image_shape = data['images'].shape[2:]
   config = replay_config(data)
-  task = step.task_from_config(config, int(data['num_classes']), len(data['images']),
-                               step.DTYPES[config.dtype], image_shape)
+  task = task_lib.task_from_config(config, int(data['num_classes']), len(data['images']),
+                               task_lib.DTYPES[config.dtype], image_shape)
   return task, image_shape
 
 
 def as_float64(tree):
-  return step.cast_floats(tree, jnp.float64)
+  return task_lib.cast_floats(tree, jnp.float64)
 
 
 def initial_state(data, task, image_shape):
@@ -117,7 +118,7 @@ def replayed():
                                                 state.batch_stats)).items()}
     final.update({f'final_afd/{k}': v for k, v in torch_interop.to_state_dict(
         'afd', step.variables_of('distiller', state.params, state.batch_stats)).items()})
-    step.check_float64(task, image_shape)  # the zoo models' logits and taps come out float64
+    task_lib.check_float64(task, image_shape)  # the zoo models' logits and taps come out float64
   return data, history, final, state, task
 
 
@@ -168,11 +169,11 @@ class CastsToFloat32(nn.Module):
 
 def test_a_model_that_casts_to_float32_is_refused_in_float64():
   with jax.enable_x64(True):
-    task = step.Task(student=CastsToFloat32(), tx=optax.sgd(0.1),
+    task = task_lib.Task(student=CastsToFloat32(), tx=optax.sgd(0.1),
                      schedule=optax.constant_schedule(0.1), param_dtype=jnp.float64)
     with pytest.raises(ValueError, match='the student model returns float32 logits or taps'):
-      step.check_float64(task, (8, 8, 3))
-    step.check_float64(dataclasses.replace(task, param_dtype=None), (8, 8, 3))  # float32 mode
+      task_lib.check_float64(task, (8, 8, 3))
+    task_lib.check_float64(dataclasses.replace(task, param_dtype=None), (8, 8, 3))  # float32 mode
 
 
 def test_float64_needs_x64_and_is_not_left_on(monkeypatch):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from afd_jax import collectives, layers, sharding, step, train
+from afd_jax import task as task_lib
 from afd_jax.distill import AFD
 from afd_jax.errors import UserError
 from configs import base
@@ -139,7 +140,7 @@ def test_teacher_runs_at_its_own_dtype(batches):
   config = base.get_base_config()
   config.teacher.name, config.student.name, config.afd.qk_dim = 'resnet14', 'resnet8', 16
   config.teacher.dtype, config.loss.kd_weight = 'bfloat16', 0.9
-  task = step.task_from_config(config, 4, 10, jnp.float32, (8, 8, 3))
+  task = task_lib.task_from_config(config, 4, 10, jnp.float32, (8, 8, 3))
   assert task.teacher.dtype == jnp.bfloat16 and task.student.dtype == jnp.float32
   mesh = mesh_of(8)
   state, teacher_vars = setup(task, mesh)
@@ -173,10 +174,10 @@ def test_a_student_with_flax_batch_norm_is_refused_under_groups():
   config = base.get_base_config()
   config.student.name, config.student.taps = 'tests.byo_models:tiny_convnet', 'auto'
   config.teacher.name, config.bn_group_size = 'resnet8', 2
-  task = step.task_from_config(config, 10, 10, jnp.float32, (8, 8, 1))
+  task = task_lib.task_from_config(config, 10, 10, jnp.float32, (8, 8, 1))
   with pytest.raises(ValueError, match=r'the student normalises with flax.linen.BatchNorm at '
                                        r'\S*BatchNorm_0'):
-    step.check_batch_norm_groups(task, (8, 8, 1))
+    task_lib.check_batch_norm_groups(task, (8, 8, 1))
   config.student.name, config.student.taps = 'resnet8', ''
-  step.check_batch_norm_groups(step.task_from_config(config, 10, 10, jnp.float32, (8, 8, 1)),
+  task_lib.check_batch_norm_groups(task_lib.task_from_config(config, 10, 10, jnp.float32, (8, 8, 1)),
                                (8, 8, 1))

@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import Mesh
 
 from afd_jax import bench, distill, sharding, step
+from afd_jax import task as task_lib
 
 IMAGE = (8, 8, 3)
 CLASSES = 4
@@ -27,14 +28,14 @@ def mesh8():
   return Mesh(np.asarray(jax.devices()[:8]).reshape(8, 1), (sharding.DATA, sharding.MODEL))
 
 
-def task_for(method: str) -> step.Task:
+def task_for(method: str) -> task_lib.Task:
   config = bench.bench_config(method, 'resnet14', 'resnet8', qk_dim=16)
   config.optimizer.learning_rate = 0.005
   config.pretrain = bench.namespace({'epochs': 2})  # two steps of the stage at 1 step/epoch
   # At one step per epoch a warm-up would grow the loss term over these few steps.
   config.reviewkd = bench.namespace({'warmup': 0.0})
   config.dkd = bench.namespace({**distill.registry.get('dkd').options, 'warmup': 1.0})
-  return step.task_from_config(config, CLASSES, 1, jnp.float32, IMAGE,
+  return task_lib.task_from_config(config, CLASSES, 1, jnp.float32, IMAGE,
                                num_train_examples=TRAIN_EXAMPLES)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from afd_jax import bench, distill, step
+from afd_jax import task as task_lib
 from afd_jax.distill import registry
 from afd_jax.distill.ab import AB
 from afd_jax.distill.fsp import FSP
@@ -413,7 +414,7 @@ def test_one_stage_step_trains_what_repdistillers_init_trains(name):
   bit for bit as they were, and the step's loss is the init() loss the parity tests pin."""
   spec = ORIGINAL_STAGE[name]
   config = bench.bench_config(name, spec['teacher'], 'resnet8')
-  task = step.task_from_config(config, 4, 1, jnp.float32, STAGE_IMAGE)
+  task = task_lib.task_from_config(config, 4, 1, jnp.float32, STAGE_IMAGE)
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.normal(size=(8,) + STAGE_IMAGE), jnp.float32),
            'label': jnp.asarray(rng.integers(0, 4, 8), jnp.int32)}

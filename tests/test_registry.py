@@ -4,7 +4,8 @@ methods, per-pair recipe settings come from the registration, and the step's Tas
 attention exactly for the methods that declare one (`Method.attention`)."""
 import pytest
 
-from afd_jax import bench, distill, step
+from afd_jax import bench, distill
+from afd_jax import task as task_lib
 from afd_jax.distill import registry
 from configs import cifar100, imagenet, methods
 
@@ -78,6 +79,6 @@ def test_imagenet_afd_recipe_from_the_registration():
                                                ('sp', False)])
 def test_task_attention_follows_the_registry(method, attention):
   config = bench.bench_config(method, 'resnet20', 'resnet8')
-  task = step.task_from_config(config, 10, 10)
+  task = task_lib.task_from_config(config, 10, 10)
   assert task.attention is attention
   assert registry.get(method).attention is attention

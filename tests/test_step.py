@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh
 
 from afd_jax import models, optim, sharding, step
+from afd_jax import task as task_lib
 from afd_jax.distill import AFD
 
 
@@ -26,7 +27,7 @@ def tiny_task(method='afd', kd_weight=0.9, lr=0.05, feature_weight=200.0, dtype=
               bn_group_size=0):
   schedule = optax.constant_schedule(lr)
   distil = method == 'afd' or kd_weight > 0
-  return step.Task(
+  return task_lib.Task(
       student=models.create('resnet8', 4, dtype=dtype),
       teacher=models.create('resnet14', 4, dtype=dtype) if distil else None,
       distiller=AFD(qk_dim=16) if method == 'afd' else None, feature_name=method,

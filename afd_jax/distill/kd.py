@@ -19,6 +19,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
   return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean cross-entropy of soft `targets` (B x classes, rows summing to 1): mixup/cutmix and
+  label-smoothed targets (timm's SoftTargetCrossEntropy)."""
+  logp = jax.nn.log_softmax(at_least_f32(logits), axis=-1)
+  return jnp.mean(-jnp.sum(targets.astype(logp.dtype) * logp, axis=-1))
+
+
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array,
             temperature: float = 4.0) -> jax.Array:
   """Hinton KD: `T**2 * KL(softmax(t / T) || softmax(s / T))`, summed over classes, batch mean.
