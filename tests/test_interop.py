@@ -23,7 +23,8 @@ def random_variables(name, num_classes=7, channels=3, size=32):
 def test_every_model_round_trips(name):
   variables = random_variables(name)
   state_dict = torch_interop.to_state_dict(name, variables)
-  assert all('.' in k for k in state_dict if k not in ('cls_token', 'pos_embed'))  # ViT: timm's
+  tokens = ('cls_token', 'dist_token', 'pos_embed')  # ViT/DeiT: timm's top-level names
+  assert all('.' in k for k in state_dict if k not in tokens)
   back = torch_interop.convert(name, state_dict)
   jax.tree.map(np.testing.assert_array_equal, back, variables)
 

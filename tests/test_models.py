@@ -22,6 +22,9 @@ TORCH_PARAMETER_COUNTS = {
     # 5,717,416 / 22,050,664 / 86,567,656 parameters with 1000 (the head is dim x classes +
     # classes); vit_mini4 by the same count (patch 4, dim 192, depth 6, MLP 384, 8x8 grid).
     'vit_ti16': 5543716, 'vit_s16': 21704164, 'vit_b16': 85875556, 'vit_mini4': 1823908,
+    # DeiTs: timm's deit_{tiny,small,base}_distilled_patch16_224 have 5,910,800 / 22,436,432 /
+    # 87,338,192 with 1000 (two heads); deit_mini4 by the same count.
+    'deit_ti16': 5563400, 'deit_s16': 21743432, 'deit_b16': 85953992, 'deit_mini4': 1843592,
 }
 
 
@@ -48,6 +51,9 @@ EXPECTED_TAPS = {
     # ViTs at 32x32: every block's patch tokens as a grid (2x2 for 16-pixel patches).
     'vit_ti16': stage(12, 192, 2), 'vit_s16': stage(12, 384, 2), 'vit_b16': stage(12, 768, 2),
     'vit_mini4': stage(6, 192, 8),
+    # DeiTs: the same grids, class and distillation tokens dropped.
+    'deit_ti16': stage(12, 192, 2), 'deit_s16': stage(12, 384, 2),
+    'deit_b16': stage(12, 768, 2), 'deit_mini4': stage(6, 192, 8),
 }
 
 

@@ -1,15 +1,22 @@
-"""PyTorch ViT state_dicts -> Flax variables for the zoo's ViTs (afd_jax/models/vit.py).
+"""PyTorch ViT state_dicts -> Flax variables for the zoo's ViTs and DeiTs (afd_jax/models/vit.py,
+deit.py).
 
 Two layouts, told apart by their keys:
 - timm's (`vit_small_patch16_224` etc.; what DeiT / AugReg `.pth` and `.safetensors` use):
   `patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,
-  mlp.fc1,mlp.fc2}`, `norm`, `head`;
+  mlp.fc1,mlp.fc2}`, `norm`, `head`; the distilled DeiTs (`deit_*_distilled_patch16_224`)
+  add `dist_token` and `head_dist`, and `pos_embed` has a row for each of the two tokens;
 - Hugging Face transformers' `ViTForImageClassification`: `vit.embeddings.*`, blocks as
   4.x and the files on the Hub name them (`vit.encoder.layer.{i}.{layernorm_before,
   attention.attention.{query,key,value},attention.output.dense,layernorm_after,
   intermediate.dense,output.dense}`) or as 5.x's state_dict does (`vit.layers.{i}.{
   layernorm_before,attention.{q,k,v,o}_proj,layernorm_after,mlp.fc1,mlp.fc2}`), `vit.layernorm`,
-  `classifier`; the separate query/key/value become the fused qkv, in that order.
+  `classifier`; the separate query/key/value become the fused qkv, in that order. Its
+  `DeiTForImageClassificationWithTeacher` is the same under `deit.`, with
+  `embeddings.distillation_token`, `cls_classifier` and `distillation_classifier`.
+
+Weights with a distillation token fit only a zoo DeiT (`deit_*`), and weights without one only
+a zoo ViT (`vit_*`); the other way round is refused in one line.
 """
 import re
 from typing import Dict, Mapping
@@ -30,6 +37,10 @@ _HF_QKV = {'attention.attention.query': 'q', 'attention.attention.key': 'k',
            'attention.attention.value': 'v', 'attention.q_proj': 'q', 'attention.k_proj': 'k',
            'attention.v_proj': 'v'}
 _HF_TOP = {'embeddings.cls_token': 'cls_token', 'embeddings.position_embeddings': 'pos_embed',
+           'embeddings.distillation_token': 'dist_token',
+           'cls_classifier.weight': 'head.weight', 'cls_classifier.bias': 'head.bias',
+           'distillation_classifier.weight': 'head_dist.weight',
+           'distillation_classifier.bias': 'head_dist.bias',
            'embeddings.patch_embeddings.projection.weight': 'patch_embed.proj.weight',
            'embeddings.patch_embeddings.projection.bias': 'patch_embed.proj.bias',
            'layernorm.weight': 'norm.weight', 'layernorm.bias': 'norm.bias',
@@ -37,13 +48,13 @@ _HF_TOP = {'embeddings.cls_token': 'cls_token', 'embeddings.position_embeddings'
 
 
 def is_hugging_face(sd: Mapping[str, np.ndarray]) -> bool:
-  return any(k.startswith(('vit.embeddings.', 'embeddings.')) for k in sd)
+  return any(k.startswith(('vit.embeddings.', 'deit.embeddings.', 'embeddings.')) for k in sd)
 
 
 def hugging_face_to_timm(sd: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-  """transformers' ViT names (4.x `encoder.layer.{i}.attention.attention.query`, 5.x
+  """transformers' ViT and DeiT names (4.x `encoder.layer.{i}.attention.attention.query`, 5.x
   `layers.{i}.attention.q_proj`) -> timm's, fusing query/key/value into qkv."""
-  sd = {k[len('vit.'):] if k.startswith('vit.') else k: v for k, v in sd.items()}
+  sd = {re.sub(r'^(?:vit|deit)\.', '', k): v for k, v in sd.items()}
   out, qkv = {}, {}
   for key, value in sd.items():
     m = re.match(r'^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias)$', key)
@@ -76,16 +87,39 @@ def _flax_key(path) -> str:
   return '.'.join(names[:-1] + [leaf])
 
 
+def _hugging_face_class(sd: Mapping[str, np.ndarray]) -> str:
+  if any(k.startswith('distillation_classifier.') for k in sd):
+    return 'DeiTForImageClassificationWithTeacher'
+  deit = any(k.startswith('deit.') for k in sd)
+  return 'DeiTForImageClassification' if deit else 'ViTForImageClassification'
+
+
+def _check_distillation_token(name: str, model, sd: Mapping[str, np.ndarray]) -> None:
+  """ValueError if the weights have a distillation token and the model none, or the reverse."""
+  if models.has_distillation_token(model) == ('dist_token' in sd):
+    return
+  other = (name.replace('deit_', 'vit_', 1) if name.startswith('deit_')
+           else name.replace('vit_', 'deit_', 1))
+  if 'dist_token' in sd:
+    raise ValueError(f'these weights have a distillation token (dist_token, a distilled DeiT); '
+                     f'model {name!r} has none: use {other!r}.')
+  raise ValueError(f'these weights have no distillation token (a ViT or a non-distilled DeiT); '
+                   f"model {name!r} needs one and its head_dist (timm's "
+                   "deit_*_distilled_patch16_224, transformers' "
+                   f'DeiTForImageClassificationWithTeacher): use {other!r} for them.')
+
+
 def convert(name: str, sd: Mapping[str, np.ndarray]):
-  """A timm or transformers ViT state_dict -> `{'params': ...}` for zoo model `name`."""
+  """A timm or transformers ViT / DeiT state_dict -> `{'params': ...}` for zoo model `name`."""
   if is_hugging_face(sd):
-    sd, layout = hugging_face_to_timm(sd), "transformers' ViTForImageClassification"
+    sd, layout = hugging_face_to_timm(sd), f"transformers' {_hugging_face_class(sd)}"
   else:
     layout = 'timm'
   sd = {k: np.asarray(v) for k, v in sd.items()}
   num_classes = int(sd['head.weight'].shape[0]) if 'head.weight' in sd else 1
   channels = int(sd['patch_embed.proj.weight'].shape[1]) if 'patch_embed.proj.weight' in sd else 3
   model = models.create(name, num_classes)
+  _check_distillation_token(name, model, sd)
   images = jnp.zeros((1, model.image_size, model.image_size, channels), jnp.float32)
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))
   return {'params': state_dict.fill(abstract['params'], sd, _flax_key,

@@ -16,7 +16,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import flax.linen as nn
 
-from afd_jax.models.classifier import apply_with_embedding, classifier_path
+from afd_jax.models.classifier import (apply_with_dist_logits, apply_with_embedding,
+                                       classifier_path, has_distillation_token)
+from afd_jax.models.deit import CONFIGS as DEIT_CONFIGS
+from afd_jax.models.deit import DeiT
 from afd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from afd_jax.models.resnet_cifar import CifarResNet
 from afd_jax.models.taps import Tap, stage_final
@@ -43,10 +46,12 @@ _REGISTRY: Dict[str, functools.partial] = {
     'vgg8': _p(VGG, blocks=VGG_CONFIGS['S']),
     'vgg13': _p(VGG, blocks=VGG_CONFIGS['B']),
     **{name: _p(ViT, **options) for name, options in VIT_CONFIGS.items()},
+    **{name: _p(DeiT, **options) for name, options in DEIT_CONFIGS.items()},
 }
 
 
-VIT_NAMES = tuple(VIT_CONFIGS)
+DISTILLED_NAMES = tuple(DEIT_CONFIGS)  # zoo models with a distillation token
+VIT_NAMES = tuple(VIT_CONFIGS) + DISTILLED_NAMES  # timm's / transformers' weights (interop/vit.py)
 
 
 def names() -> List[str]:
@@ -97,11 +102,23 @@ def _fields(cls) -> List[str]:
       cls) else list(_parameters(cls))
 
 
-def _build(factory, kwargs: Dict[str, Any], num_classes: int, dtype) -> Any:
-  """`factory(**kwargs)`, given `num_classes` and `dtype` each only where what it builds can
-  take it: a named parameter of the factory, or a field of the module class (the class itself
-  as the factory, or the class of what a `**kwargs` factory returns, which is then built again
-  with them)."""
+def drop_path_names() -> List[str]:
+  """The zoo models with stochastic depth (a `drop_path_rate` field)."""
+  return sorted(n for n, f in _REGISTRY.items() if 'drop_path_rate' in _fields(f.func))
+
+
+def _no_drop_path(name: str, rate: float) -> ValueError:
+  return ValueError(f'drop_path_rate={rate}: model {name!r} has no stochastic depth; the models '
+                    f'with it: {", ".join(drop_path_names())}, or a factory whose module has a '
+                    'drop_path_rate field.')
+
+
+def _build(factory, kwargs: Dict[str, Any], num_classes: int, dtype,
+           drop_path_rate: float = 0.0) -> Any:
+  """`factory(**kwargs)`, given `num_classes`, `dtype` and a non-zero `drop_path_rate` each
+  only where what it builds can take it: a named parameter of the factory, or a field of the
+  module class (the class itself as the factory, or the class of what a `**kwargs` factory
+  returns, which is then built again with them); a ValueError if `drop_path_rate` finds none."""
   kwargs = dict(kwargs)
   if isinstance(factory, type):
     named, forwards = _fields(factory), False
@@ -109,23 +126,29 @@ def _build(factory, kwargs: Dict[str, Any], num_classes: int, dtype) -> Any:
     params = _parameters(factory)
     named = list(params)
     forwards = any(p.kind == p.VAR_KEYWORD for p in params.values())
-  offered = {k: v for k, v in (('num_classes', num_classes), ('dtype', dtype))
+  offered = {k: v for k, v in (('num_classes', num_classes), ('dtype', dtype),
+                               ('drop_path_rate', drop_path_rate or None))
              if v is not None and k not in kwargs}
   kwargs.update({k: v for k, v in offered.items() if k in named})
   module = factory(**kwargs)
+  passed = {k for k in offered if k in named}
   forwarded = {k: v for k, v in offered.items() if k not in named}
   if forwards and forwarded and isinstance(module, nn.Module):
     fields = _fields(type(module))
     forwarded = {k: v for k, v in forwarded.items() if k in fields}
     if forwarded:
       module = factory(**kwargs, **forwarded)
+      passed |= set(forwarded)
+  if 'drop_path_rate' in offered and 'drop_path_rate' not in passed:
+    raise _no_drop_path(getattr(factory, '__name__', repr(factory)), drop_path_rate)
   return module
 
 
 def create(name: str, num_classes: int, *, dtype: Optional[Any] = None,
            taps: Optional[Any] = None, kwargs: Optional[Dict[str, Any]] = None,
            prefix_tokens: Optional[int] = None, grid: Optional[Sequence[int]] = None,
-           image_shape: Optional[Sequence[int]] = None, train_arg: str = ''):
+           image_shape: Optional[Sequence[int]] = None, train_arg: str = '',
+           drop_path_rate: float = 0.0):
   """Builds model `name` with `num_classes` outputs.
 
   Args:
@@ -138,20 +161,28 @@ def create(name: str, num_classes: int, *, dtype: Optional[Any] = None,
     image_shape: (H, W, C); needed to find taps by tracing (a factory, or `taps` on a zoo model).
     train_arg: how a factory's module takes the train flag ('' = from its `__call__`; a
       parameter name, '!name' for one meaning not training, or 'none'; see `calling`).
+    drop_path_rate: stochastic depth, for a model with a `drop_path_rate` field (the zoo's
+      ViTs and DeiTs); 0 passes nothing.
   """
   if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
     raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}.')
   check_name(name)
+  if not 0 <= drop_path_rate < 1:
+    raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate!r}.')
   if not is_factory(name):
     if kwargs:
       raise ValueError(f'model {name!r} is a zoo model: it takes no kwargs, got {dict(kwargs)}.')
     if train_arg:
       raise ValueError(f'model {name!r} is a zoo model: train_arg is for a factory\'s model.')
-    module = _REGISTRY[name](num_classes=num_classes, dtype=dtype)
+    if drop_path_rate and name not in drop_path_names():
+      raise _no_drop_path(name, drop_path_rate)
+    depth = {'drop_path_rate': float(drop_path_rate)} if drop_path_rate else {}
+    module = _REGISTRY[name](num_classes=num_classes, dtype=dtype, **depth)
     if taps is None:
       return module
   else:
-    module = _build(load_factory(name), dict(kwargs or {}), num_classes, dtype)
+    module = _build(load_factory(name), dict(kwargs or {}), num_classes, dtype,
+                    float(drop_path_rate))
     if not isinstance(module, nn.Module):
       raise ValueError(f'model {name!r} returned a {type(module).__name__}, not a flax.linen '
                        'Module (an NNX module enters through flax.nnx.bridge.to_linen).')
@@ -162,7 +193,7 @@ def create(name: str, num_classes: int, *, dtype: Optional[Any] = None,
 def from_config(section, num_classes: int, dtype=None, image_shape=None):
   """The model a config section describes (`name`, and for any model `taps`; for a factory
   `kwargs` and `train_arg`; for token taps `prefix_tokens` (-1: from the model) and
-  `token_grid` (() = infer)).
+  `token_grid` (() = infer); `drop_path_rate` where the section has it).
 
   `taps` is '' (the zoo's own taps; 'auto' for a factory), 'auto', or comma-separated patterns.
   Works on ConfigDicts and on plain namespaces that have only `name`."""
@@ -179,7 +210,10 @@ def from_config(section, num_classes: int, dtype=None, image_shape=None):
     raise ValueError(f'model {section.name!r} with taps found by tracing needs the image shape.')
   return create(section.name, num_classes, dtype=dtype, taps=taps, kwargs=kwargs,
                 prefix_tokens=None if prefix is None or prefix < 0 else prefix, grid=grid,
-                image_shape=image_shape, train_arg=getattr(section, 'train_arg', '') or '')
+                image_shape=image_shape, train_arg=getattr(section, 'train_arg', '') or '',
+                drop_path_rate=float(getattr(section, 'drop_path_rate', 0.0) or 0.0))
 
 
-__all__ = ['apply_with_embedding', 'classifier_path', 'from_config', 'create', 'names', 'check_name', 'is_factory', 'Tap', 'Tapped', 'stage_final', 'tap']
+__all__ = ['apply_with_dist_logits', 'apply_with_embedding', 'classifier_path', 'from_config',
+           'create', 'names', 'check_name', 'is_factory', 'has_distillation_token',
+           'DISTILLED_NAMES', 'drop_path_names', 'Tap', 'Tapped', 'stage_final', 'tap']

@@ -4,11 +4,16 @@ The classifier is found, not declared: it is the last submodule call with parame
 output has the shape of the logits the model returns (`fc` of the CNNs, `head` of the ViTs, the last Dense of
 a model from anywhere), and the embedding is its input, flattened to `B x D`. The search is a
 Flax method interceptor, a trace-time hook: under `jit` the program holds only the arrays used.
+
+A model with a distillation token (DeiT) declares its second head by name, the class attribute
+`distillation_head`; `apply_with_dist_logits` returns that head's output by the same kind of hook.
 """
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
+
+from afd_jax.layers import at_least_f32
 
 
 class _LastTwoDimCalls:
@@ -61,3 +66,50 @@ def classifier_path(model, variables, image_shape) -> Tuple[str, ...]:
                           jax.ShapeDtypeStruct((2,) + tuple(image_shape), 'float32'))
   path, _ = _classifier_call(recorder.calls, logits, model)
   return tuple(path.split('/'))
+
+
+def distillation_head(model) -> Optional[str]:
+  """The name of `model`'s distillation head (class attribute `distillation_head`; looked up
+  through a `Tapped` wrapper), or None."""
+  while model is not None:
+    name = getattr(type(model), 'distillation_head', None)
+    if isinstance(name, str) and name:
+      return name
+    model = getattr(model, 'module', None)
+  return None
+
+
+def has_distillation_token(model) -> bool:
+  """Does `model` have a distillation token and head (DeiT)?"""
+  return distillation_head(model) is not None
+
+
+class _HeadOutput:
+  """Records the output of every `__call__` of the submodule named `name`."""
+
+  def __init__(self, name: str):
+    self.name, self.outputs = name, []
+
+  def __call__(self, next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and context.module.name == self.name:
+      self.outputs.append(out)
+    return out
+
+
+def apply_with_dist_logits(model, variables, images, train: bool, *, embedding: bool = False,
+                           **kwargs):
+  """`(result, dist_logits)`: `result` is what `model.apply(variables, images, train,
+  **kwargs)` returns (`apply_with_embedding`'s, with `embedding`), `dist_logits` the float32
+  `B x classes` output of the distillation head. ValueError for a model without one."""
+  name = distillation_head(model)
+  if name is None:
+    raise ValueError(f'{type(model).__name__} has no distillation token and head.')
+  recorder = _HeadOutput(name)
+  with nn.intercept_methods(recorder):
+    result = (apply_with_embedding(model, variables, images, train, **kwargs) if embedding
+              else model.apply(variables, images, train, **kwargs))
+  if len(recorder.outputs) != 1:
+    raise ValueError(f'{type(model).__name__}: its distillation head {name!r} was called '
+                     f'{len(recorder.outputs)} times in one forward pass, not once.')
+  return result, at_least_f32(recorder.outputs[0])

@@ -8,6 +8,9 @@ model's `image_size`, are resized to the patch grid with PyTorch's bicubic inter
 transformers' `interpolate_pos_encoding` do. Blocks are pre-LN (LayerNorm eps 1e-6), multi-head
 self-attention with one fused qkv projection, exact-erf GELU MLP. Taps: every encoder block's
 patch tokens (class token dropped) as a `B x H/p x W/p x D` grid, all of one stage.
+
+`drop_path_rate` > 0 turns on stochastic depth in training (timm's `DropPath`, rates linear over
+the blocks from 0); it draws from the 'dropout' stream. The DeiTs (deit.py) subclass `ViT`.
 """
 import functools
 from typing import Any, Optional, Tuple
@@ -69,18 +72,31 @@ class Attention(nn.Module):
     return _dense(d, dtype=self.dtype, name='proj')(out)
 
 
+def drop_path(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
+  """Stochastic depth (timm's `DropPath`): in training, each sample's `x` is zeroed with
+  probability `rate` and kept ones scaled by 1 / (1 - rate); a key from the 'dropout' stream."""
+  if not train or rate == 0:
+    return x
+  keep = 1.0 - rate
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  mask = jax.random.bernoulli(module.make_rng('dropout'), keep, shape)
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
 class EncoderBlock(nn.Module):
   heads: int
   mlp_dim: int
   dtype: Optional[Any] = None
+  drop_path_rate: float = 0.0  # this block's stochastic depth (each residual branch)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + Attention(self.heads, self.dtype, name='attn')(_norm(dtype=self.dtype, name='norm1')(x))
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    y = Attention(self.heads, self.dtype, name='attn')(_norm(dtype=self.dtype, name='norm1')(x))
+    x = x + drop_path(self, y, self.drop_path_rate, train)
     y = _norm(dtype=self.dtype, name='norm2')(x)
     y = _dense(self.mlp_dim, dtype=self.dtype, name='fc1')(y)
     y = _dense(x.shape[-1], dtype=self.dtype, name='fc2')(nn.gelu(y, approximate=False))
-    return x + y
+    return x + drop_path(self, y, self.drop_path_rate, train)
 
 
 class ViT(nn.Module):
@@ -93,34 +109,47 @@ class ViT(nn.Module):
   mlp_dim: int
   image_size: int = 224
   dtype: Optional[Any] = None
+  drop_path_rate: float = 0.0  # stochastic depth, 0 -> this rate linearly over the blocks (timm)
   num_prefix_tokens = 1  # the class token (timm's attribute; not a field)
+  prefix_token_names = ('cls_token',)  # the prefix tokens' parameters, in sequence order
 
   def taps(self) -> Tuple[Tap, ...]:
     return tuple(Tap(f'blocks.{i}', 1) for i in range(self.depth))
 
-  @nn.compact
-  def __call__(self, images: jax.Array, train: bool):
-    del train  # no dropout, no batch norm
+  def classify(self, tokens: jax.Array, train: bool) -> jax.Array:
+    """Logits from the normalised tokens (`B x N x D`): the class token's head."""
+    del train
+    return at_least_f32(_dense(self.num_classes, dtype=self.dtype, name='head')(tokens[:, 0]))
+
+  def embed(self, images: jax.Array) -> Tuple[jax.Array, int, int]:
+    """Prefix tokens and patch tokens plus position embeddings: `(B x N x D, h, w)`."""
     height, width = images.shape[1:3]
     if height % self.patch or width % self.patch:
       raise ValueError(f'image sides {height}x{width} must divide by the patch size {self.patch}.')
     x = nn.Conv(self.dim, (self.patch, self.patch), self.patch, padding='VALID',
                 dtype=self.dtype, name='patch_embed')(images.astype(self.dtype or jnp.float32))
     b, h, w, d = x.shape
-    base = self.image_size // self.patch
-    cls = self.param('cls_token', nn.initializers.normal(1e-6), (1, 1, d), jnp.float32)
-    pos = self.param('pos_embed', _trunc_normal, (1, 1 + base * base, d), jnp.float32)
-    grid = resize_position_grid(pos[:, 1:].reshape(1, base, base, d), h, w).reshape(1, h * w, d)
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)).astype(x.dtype), x.reshape(b, h * w, d)],
-                        axis=1)
-    x = x + jnp.concatenate([pos[:, :1], grid], axis=1).astype(x.dtype)
+    base, p = self.image_size // self.patch, self.num_prefix_tokens
+    inits = {'cls_token': nn.initializers.normal(1e-6)}
+    prefix = [self.param(n, inits.get(n, _trunc_normal), (1, 1, d), jnp.float32)
+              for n in self.prefix_token_names]
+    pos = self.param('pos_embed', _trunc_normal, (1, p + base * base, d), jnp.float32)
+    grid = resize_position_grid(pos[:, p:].reshape(1, base, base, d), h, w).reshape(1, h * w, d)
+    x = jnp.concatenate([jnp.broadcast_to(t, (b, 1, d)).astype(x.dtype) for t in prefix] +
+                        [x.reshape(b, h * w, d)], axis=1)
+    return x + jnp.concatenate([pos[:, :p], grid], axis=1).astype(x.dtype), h, w
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool):
+    x, h, w = self.embed(images)
+    b, _, d = x.shape
+    rates = np.linspace(0.0, self.drop_path_rate, self.depth)
     features = []
     for i in range(self.depth):
-      x = EncoderBlock(self.heads, self.mlp_dim, self.dtype, name=f'blocks_{i}')(x)
-      features.append(x[:, 1:].reshape(b, h, w, d))
-    x = _norm(dtype=self.dtype, name='norm')(x)
-    logits = _dense(self.num_classes, dtype=self.dtype, name='head')(x[:, 0])
-    return at_least_f32(logits), tuple(features)
+      x = EncoderBlock(self.heads, self.mlp_dim, self.dtype, float(rates[i]),
+                       name=f'blocks_{i}')(x, train)
+      features.append(x[:, self.num_prefix_tokens:].reshape(b, h, w, d))
+    return self.classify(_norm(dtype=self.dtype, name='norm')(x), train), tuple(features)
 
 
 CONFIGS = {
