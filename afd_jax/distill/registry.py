@@ -103,6 +103,13 @@ class Method:
   recipes: Mapping[str, Mapping[Tuple[str, str], Mapping[str, Any]]] = dataclasses.field(
       default_factory=dict)
 
+  @property
+  def needs_distillation_token(self) -> bool:
+    """Does the method read the student's distillation-token head (DeiT's `deit_hard`,
+    `deit_soft`)? Such a method runs only with a student that has one; the trainer refuses
+    any other (this package knows no models)."""
+    return 'student_dist_logits' in self.inputs
+
   def recipe(self, family: str, teacher: str, student: str) -> Dict[str, Any]:
     """The settings of `recipes[family]` that apply to (teacher, student); exact pairs win over
     '*' ones."""
