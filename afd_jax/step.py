@@ -28,25 +28,46 @@ Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
 
 
-def _forward(model, variables, images, train: bool, embedding: bool, **kwargs):
-  """`model.apply` -> `(logits, features, embedding or None)` (and the state where mutable)."""
-  if embedding:
-    return models.apply_with_embedding(model, variables, images, train, **kwargs)
-  result = model.apply(variables, images, train=train, **kwargs)
-  if kwargs.get('mutable', False) is not False:
-    (logits, features), state = result
-    return (logits, features, None), state
-  return result + (None,)
+def _wants(task: Task, role: str) -> Tuple[str, ...]:
+  """What the distiller needs of `role`'s forward pass beyond logits and taps."""
+  wants = ('embedding',) if task.needs('student_embedding', 'teacher_embedding') else ()
+  if role == 'student' and task.needs('student_dist_logits'):
+    wants += ('dist_logits',)
+  return wants
+
+
+def _forward(model, variables, images, train: bool, wants: Tuple[str, ...], **kwargs):
+  """`model.apply` -> `(logits, features, extra)` (and the state where mutable); `extra` holds
+  what `wants` names: 'embedding' (the classifier's input), 'dist_logits' (a DeiT's second
+  head)."""
+  mutable = kwargs.get('mutable', False) is not False
+  embedding = 'embedding' in wants
+  dist_logits = None
+  if 'dist_logits' in wants:
+    result, dist_logits = models.apply_with_dist_logits(model, variables, images, train,
+                                                        embedding=embedding, **kwargs)
+  elif embedding:
+    result = models.apply_with_embedding(model, variables, images, train, **kwargs)
+  else:
+    result = model.apply(variables, images, train=train, **kwargs)
+  out, state = result if mutable else (result, None)
+  extra = {'embedding': out[2]} if embedding else {}
+  if dist_logits is not None:
+    extra['dist_logits'] = dist_logits
+  out = (out[0], out[1], extra)
+  return (out, state) if mutable else out
 
 
 def distiller_inputs(task: Task, *, student_logits=None, teacher_logits=None,
-                     student_embedding=None, teacher_embedding=None, batch=None,
+                     student_extra=None, teacher_extra=None, batch=None,
                      step=None, rng=None) -> Dict[str, Any]:
-  """The extra inputs of the distiller's call that its method declares (`task.distiller_inputs`)."""
+  """The extra inputs of the distiller's call that its method declares (`task.distiller_inputs`);
+  `*_extra` are `_forward`'s."""
   available = {
       'student_logits': lambda: student_logits, 'teacher_logits': lambda: teacher_logits,
-      'student_embedding': lambda: student_embedding,
-      'teacher_embedding': lambda: teacher_embedding,
+      'student_embedding': lambda: student_extra['embedding'],
+      'teacher_embedding': lambda: teacher_extra['embedding'],
+      'student_dist_logits': lambda: student_extra['dist_logits'],
       'labels': lambda: batch['label'], 'index': lambda: batch['index'],
       'epoch': lambda: (jnp.maximum(step - task.pretrain_steps, 0) // task.steps_per_epoch
                         + 1).astype(jnp.int32),
@@ -63,16 +84,17 @@ def init_state(task: Task, rng: jax.Array, image_shape, teacher_abstract=None) -
   params = {'student': student_vars['params'], 'distiller': {}}
   stats = {'student': student_vars.get('batch_stats', {}), 'distiller': {}}
   if task.distiller is not None:
-    embed = task.needs('student_embedding', 'teacher_embedding')
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-    s_out = zeros(jax.eval_shape(lambda v: _forward(task.student, v, images, False, embed),
-                                 student_vars))
-    t_out = zeros(jax.eval_shape(lambda v: _forward(task.teacher, v, images, False, embed),
-                                 teacher_abstract))
+    s_out = zeros(jax.eval_shape(
+        lambda v: _forward(task.student, v, images, False, _wants(task, 'student')),
+        student_vars))
+    t_out = zeros(jax.eval_shape(
+        lambda v: _forward(task.teacher, v, images, False, _wants(task, 'teacher')),
+        teacher_abstract))
     f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
     batch = {'label': jnp.zeros((2,), jnp.int32), 'index': jnp.arange(2, dtype=jnp.int32)}
     inputs = distiller_inputs(task, student_logits=s_out[0], teacher_logits=t_out[0],
-                              student_embedding=s_out[2], teacher_embedding=t_out[2],
+                              student_extra=s_out[2], teacher_extra=t_out[2],
                               batch=batch, step=jnp.zeros((), jnp.int32),
                               rng=jax.random.PRNGKey(0))
     distiller_vars = task.distiller.init(distiller_rng, f32(s_out[1]), f32(t_out[1]),
@@ -100,7 +122,7 @@ def _main_opt_state(task: Task, opt_state):
 
 def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[TrainState, Metrics]]:
   """`train_step(state, teacher_variables, batch) -> (state, metrics)`; pure."""
-  embed = task.needs('student_embedding', 'teacher_embedding')
+  s_wants, t_wants = _wants(task, 'student'), _wants(task, 'teacher')
 
   def train_step(state: TrainState, teacher_vars, batch: Batch):
     images, labels = cast_floats(batch['image'], task.param_dtype), batch['label']
@@ -109,16 +131,16 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
     if task.mixing.soft_targets:  # the teacher sees the mixed images too
       images, targets = mix_batch(images, labels, jax.random.fold_in(rng, 2), task.mixing,
                                   task.num_classes)
-    t_logits = t_feats = t_embedding = None
+    t_logits = t_feats = t_extra = None
     if task.needs_teacher:
-      t_logits, t_feats, t_embedding = jax.lax.stop_gradient(
-          _forward(task.teacher, teacher_vars, teacher_images(task, images), False, embed))
+      t_logits, t_feats, t_extra = jax.lax.stop_gradient(
+          _forward(task.teacher, teacher_vars, teacher_images(task, images), False, t_wants))
 
     def loss_fn(params):
       with layers.batch_norm_groups(task.bn_group_size):
-        (logits, s_feats, s_embedding), s_updates = _forward(
+        (logits, s_feats, s_extra), s_updates = _forward(
             task.student, variables_of('student', params, state.batch_stats),
-            images, True, embed, mutable=['batch_stats'], rngs={'dropout': rng})
+            images, True, s_wants, mutable=['batch_stats'], rngs={'dropout': rng})
       terms = {'ce': cross_entropy(logits, labels) if targets is None
                else soft_cross_entropy(logits, targets)}
       if task.nan_at_step > 0:
@@ -131,7 +153,7 @@ def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[Trai
       aux = None
       if task.distils_features:
         inputs = distiller_inputs(task, student_logits=logits, teacher_logits=t_logits,
-                                  student_embedding=s_embedding, teacher_embedding=t_embedding,
+                                  student_extra=s_extra, teacher_extra=t_extra,
                                   batch=batch, step=state.step, rng=jax.random.fold_in(rng, 1))
         with layers.batch_norm_groups(task.bn_group_size):
           (feature_loss, aux), d_updates = task.distiller.apply(
@@ -211,23 +233,23 @@ def make_pretrain_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[T
   frozen). The student runs in training mode (batch statistics updated) when its body trains,
   else in inference mode."""
   pre = task.pretrain
-  embed = task.needs('student_embedding', 'teacher_embedding')
+  s_wants, t_wants = _wants(task, 'student'), _wants(task, 'teacher')
   train_student = 'student_body' in pre.trains
 
   def pretrain_step(state: TrainState, teacher_vars, batch: Batch):
     images = cast_floats(batch['image'], task.param_dtype)
     rng = jax.random.fold_in(state.rng, state.step)
-    t_logits, t_feats, t_embedding = jax.lax.stop_gradient(
-        _forward(task.teacher, teacher_vars, teacher_images(task, images), False, embed))
+    t_logits, t_feats, t_extra = jax.lax.stop_gradient(
+        _forward(task.teacher, teacher_vars, teacher_images(task, images), False, t_wants))
 
     def loss_fn(params):
       student_vars = variables_of('student', params, state.batch_stats)
       with layers.batch_norm_groups(task.bn_group_size):
-        (logits, s_feats, s_embedding), s_updates = _forward(
-            task.student, student_vars, images, train_student, embed, mutable=['batch_stats'],
+        (logits, s_feats, s_extra), s_updates = _forward(
+            task.student, student_vars, images, train_student, s_wants, mutable=['batch_stats'],
             rngs={'dropout': rng})
         inputs = distiller_inputs(task, student_logits=logits, teacher_logits=t_logits,
-                                  student_embedding=s_embedding, teacher_embedding=t_embedding,
+                                  student_extra=s_extra, teacher_extra=t_extra,
                                   batch=batch, step=state.step, rng=jax.random.fold_in(rng, 1))
         (loss, _), d_updates = task.distiller.apply(
             variables_of('distiller', params, state.batch_stats),

@@ -173,7 +173,7 @@ def check_distillation_token(config, student) -> None:
   """A method on the student's distillation-token head (DeiT's) needs a student that has one."""
   if config.method == 'none' or not is_distillation(config):
     return
-  if ('student_dist_logits' in distill.registry.get(config.method).inputs
+  if (distill.registry.get(config.method).needs_distillation_token
       and not models.has_distillation_token(student)):
     raise ValueError(f'method {config.method!r} distils into a distillation token, which '
                      f'student {config.student.name!r} has not; students that have one: '
@@ -220,7 +220,8 @@ def check_batch_norm_groups(task: Task, image_shape) -> None:
 
   def forward(images):
     variables = task.student.init(jax.random.PRNGKey(0), images, train=False)
-    return task.student.apply(variables, images, train=True, mutable=True)
+    return task.student.apply(variables, images, train=True, mutable=True,
+                              rngs={'dropout': jax.random.PRNGKey(0)})  # drop path
 
   with nn.intercept_methods(interceptor):
     jax.eval_shape(forward, jax.ShapeDtypeStruct((2,) + tuple(image_shape), jnp.float32))

@@ -29,7 +29,10 @@ def mesh8():
 
 
 def task_for(method: str) -> task_lib.Task:
-  config = bench.bench_config(method, 'resnet14', 'resnet8', qk_dim=16)
+  # DeiT's methods distil into a distillation token: a student that has one.
+  distilled = method != 'none' and distill.registry.get(method).needs_distillation_token
+  student = 'deit_mini4' if distilled else 'resnet8'
+  config = bench.bench_config(method, 'resnet14', student, qk_dim=16)
   config.optimizer.learning_rate = 0.005
   config.pretrain = bench.namespace({'epochs': 2})  # two steps of the stage at 1 step/epoch
   # At one step per epoch a warm-up would grow the loss term over these few steps.

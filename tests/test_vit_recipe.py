@@ -145,3 +145,34 @@ def test_a_stopped_and_resumed_run_with_the_vit_recipe_ends_in_the_uninterrupted
                                                     checkpoint_every_steps=3),
                                    str(tmp_path / 'plain'))
   assert plain['params_sha256'] != whole['params_sha256']  # the recipe did act
+
+
+def test_a_checkpoint_written_before_the_state_had_ema_still_restores(tmp_path):
+  """Runs checkpointed before TrainState gained `ema` resume: their state is read into the
+  fields it has, with an empty average."""
+  import flax  # pylint: disable=g-import-not-at-top
+  from afd_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from afd_jax.state import TrainState  # pylint: disable=g-import-not-at-top
+
+  @flax.struct.dataclass
+  class Before:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: tuple
+    rng: jax.Array
+
+  old = Before(step=jnp.asarray(4, jnp.int32), params={'student': {'w': jnp.arange(3.0)},
+                                                       'distiller': {}},
+               batch_stats={'student': {}, 'distiller': {}}, opt_state=(jnp.ones(3),),
+               rng=jax.random.PRNGKey(1))
+  saving = checkpoint.Checkpoints(str(tmp_path), 3, False)
+  saving.save(4, old, {'fingerprint': {}})
+  saving.close()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        TrainState(**{k: getattr(old, k) for k in
+                                      ('step', 'params', 'batch_stats', 'opt_state', 'rng')}))
+  state, _ = checkpoint.Checkpoints(str(tmp_path), create=False).restore_latest(target)
+  assert isinstance(state, TrainState) and state.ema == {} and int(state.step) == 4
+  np.testing.assert_array_equal(state.params['student']['w'], [0.0, 1.0, 2.0])
