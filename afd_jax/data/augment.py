@@ -9,15 +9,26 @@
 Images whose size varies (image folders, CUB, Dogs) are first resized to `image_size` squared
 under `cifar` and `none`. Resized images are rounded back to uint8, as torchvision's PIL path
 does. Every kind ends with (x / 255 - mean) / std. Random draws come from stateless keys.
+
+Two options of the ViT recipe (DeiT's), both off by default (`randaugment.py` has the details):
+- `randaugment_ops` > 0: timm's RandAugment with 'inc1' ops (DeiT's rand-m9-mstd0.5-inc1 is ops
+  2, `randaugment_magnitude` 9, `randaugment_magnitude_std` 0.5; magnitudes act clipped to
+  [0, 10], as timm's), per image on the uint8 batch after crop and flip, before normalisation.
+- `random_erasing` > 0: timm's RandomErasing in 'pixel' mode with that probability per image
+  (DeiT: 0.25), on the normalised batch.
+Both run per batch (a per-image map inside it), each image drawing from the batch's key, so
+batches stay a pure function of (seed, shard, epoch, step); with both off, no draw is added.
 """
 import dataclasses
 import math
 from typing import Optional, Sequence, Tuple
 
+from afd_jax.data import randaugment
 from afd_jax.data.tfimport import tf
 from afd_jax.errors import UserError
 
 KINDS = ('cifar', 'imagenet', 'none')
+_RANDAUGMENT_DRAWS, _ERASING_DRAWS = 1, 2  # folded into a batch's key (crop and flip use it as is)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +42,10 @@ class Augment:
   std: Tuple[float, ...]
   source_shape: Optional[Tuple[int, int, int]]  # None: sizes vary
   channels: int
+  randaugment_ops: int = 0
+  randaugment_magnitude: float = 9.0
+  randaugment_magnitude_std: float = 0.5
+  random_erasing: float = 0.0
 
   @classmethod
   def from_config(cls, ds_config, source_shape, channels: int) -> 'Augment':
@@ -42,8 +57,9 @@ class Augment:
                       f'for {ds_config.name}; see afd_jax.data.stats for recommended constants.')
     if ds_config.crop_padding < 0 or ds_config.image_size < 1:
       raise UserError('dataset.crop_padding must be >= 0 and dataset.image_size >= 1.')
+    recipe = _vit_recipe(ds_config, channels)
     return cls(ds_config.augment, ds_config.image_size, ds_config.crop_padding,
-               ds_config.random_flip, mean, std, source_shape, channels)
+               ds_config.random_flip, mean, std, source_shape, channels, *recipe)
 
   @property
   def resizes(self) -> bool:
@@ -71,10 +87,39 @@ class Augment:
     flip = self.flip and self.kind != 'none'
     if padding or flip:
       images = crop_flip(images, key, padding, flip)
-    return normalize(images, self.mean, self.std)
+    if self.randaugment_ops:
+      fill = tuple(min(255, round(255 * m)) for m in self.mean)  # timm's fill: the mean colour
+      images = randaugment.rand_augment(
+          images, tf.random.experimental.stateless_fold_in(key, _RANDAUGMENT_DRAWS),
+          self.randaugment_ops, self.randaugment_magnitude, self.randaugment_magnitude_std, fill)
+    images = normalize(images, self.mean, self.std)
+    if self.random_erasing:
+      images = randaugment.random_erasing(
+          images, tf.random.experimental.stateless_fold_in(key, _ERASING_DRAWS),
+          self.random_erasing)
+    return images
 
   def eval_batch(self, images):
     return normalize(images, self.mean, self.std)
+
+
+def _vit_recipe(ds_config, channels: int) -> Tuple[int, float, float, float]:
+  """(randaugment_ops, magnitude, magnitude_std, random_erasing) from `ds_config`, checked."""
+  ops = ds_config.get('randaugment_ops', 0)
+  magnitude = float(ds_config.get('randaugment_magnitude', 9.0))
+  magnitude_std = float(ds_config.get('randaugment_magnitude_std', 0.5))
+  erasing = float(ds_config.get('random_erasing', 0.0))
+  if isinstance(ops, bool) or not isinstance(ops, int) or ops < 0:
+    raise UserError(f'dataset.randaugment_ops={ops!r}; expected an integer >= 0 (0 = off).')
+  if not (0 <= magnitude <= 30 and magnitude_std >= 0):
+    raise UserError(f'dataset.randaugment_magnitude={magnitude} must lie in [0, 30] and '
+                    f'dataset.randaugment_magnitude_std={magnitude_std} be >= 0.')
+  if ops and channels not in (1, 3):
+    raise UserError(f'dataset.randaugment_ops needs grey or RGB images; {ds_config.name} has '
+                    f'{channels} channels.')
+  if not 0 <= erasing <= 1:
+    raise UserError(f'dataset.random_erasing={erasing} is a probability; expected it in [0, 1].')
+  return ops, magnitude, magnitude_std, erasing
 
 
 def normalize(images, mean: Sequence[float], std: Sequence[float]):
