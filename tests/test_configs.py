@@ -8,7 +8,7 @@ import pytest
 
 from afd_jax import models, train
 from afd_jax import task as task_lib
-from configs import cifar100, digits, imagenet, methods, quickstart, transfer
+from configs import cifar100, deit, digits, imagenet, methods, quickstart, transfer
 
 STABLE_NAMES = ('dataset.name', 'teacher.name', 'teacher.checkpoint', 'student.name', 'method',
                 'seed', 'num_epochs', 'batch_size', 'dtype')
@@ -37,6 +37,10 @@ def configs():
     yield f'digits.py:{run}', digits.get_config(run)
   for method in methods.choices():
     yield f'methods.py:{method}', methods.get_config(method)
+  for recipe, method in itertools.product(deit.RECIPES, ('deit_hard', 'deit_soft', 'none', 'kd',
+                                                        'afd', 'sp')):
+    yield f'deit.py:recipe={recipe},method={method}', deit.get_config(
+        f'recipe={recipe},method={method}')
   fashion = importlib.import_module('configs.fashion_mnist')
   for method in fashion.METHODS:
     yield f'fashion_mnist.py:method={method}', fashion.get_config(f'method={method},seed=1')
@@ -99,6 +103,7 @@ def test_method_weights_follow_the_documented_recipes():
     (quickstart, 'nope', 'quickstart.py takes one of'),
     (quickstart, 'afd,bogus=1', 'quickstart.py:<run> takes'),
     (digits, 'nope', 'digits.py takes one of'),
+    (deit, 'recipe=cifar', 'recipe must be one of imagenet, small'),
 ])
 def test_bad_arguments_are_clear(module, arg, message):
   with pytest.raises(ValueError, match=message):
@@ -114,3 +119,16 @@ def test_schedule_decays_from_the_official_epochs():
   assert abs(float(schedule(149 * 10)) - 0.005) < 1e-9
   assert abs(float(schedule(179 * 10)) - 0.0005) < 1e-10
   assert abs(float(schedule(209 * 10)) - 0.00005) < 1e-11
+
+
+def test_deit_recipes_are_deits_and_pick_a_student_with_a_token_for_deits_methods():
+  c = deit.get_config('recipe=imagenet,method=deit_hard')
+  assert (c.student.name, c.teacher.name, c.method) == ('deit_s16', 'resnet50im', 'deit_hard')
+  assert (c.loss.ce_weight, c.loss.kd_weight, c.loss.feature_weight) == (0.5, 0.0, 0.5)
+  assert (c.optimizer.name, c.optimizer.learning_rate, c.optimizer.lr_batch_scale) == (
+      'adamw', 5e-4, 512)
+  assert (c.mixup.mixup_alpha, c.mixup.cutmix_alpha, c.dataset.random_erasing) == (0.8, 1.0, 0.25)
+  assert (c.dataset.randaugment_ops, c.student.drop_path_rate, c.num_epochs) == (2, 0.1, 300)
+  assert deit.get_config('recipe=imagenet,method=kd').student.name == 'vit_s16'
+  assert deit.get_config('recipe=small,method=deit_soft').student.name == 'deit_micro4'
+  assert deit.get_config('recipe=small,method=afd').student.name == 'vit_micro4'

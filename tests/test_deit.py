@@ -150,7 +150,8 @@ def test_dist_logits_come_with_the_batch_stats_state_the_embedding_and_through_t
   assert not models.has_distillation_token(student)
   with pytest.raises(ValueError, match='ViT has no distillation token'):
     models.apply_with_dist_logits(student, variables, x, True)
-  assert set(models.DISTILLED_NAMES) == {'deit_ti16', 'deit_s16', 'deit_b16', 'deit_mini4'}
+  assert set(models.DISTILLED_NAMES) == {'deit_ti16', 'deit_s16', 'deit_b16', 'deit_mini4',
+                                         'deit_micro4'}
 
 
 # timm's deit_{tiny,small,base}_distilled_patch16_224 (1000 classes): 5,910,800 / 22,436,432 /

@@ -25,6 +25,8 @@ TORCH_PARAMETER_COUNTS = {
     # DeiTs: timm's deit_{tiny,small,base}_distilled_patch16_224 have 5,910,800 / 22,436,432 /
     # 87,338,192 with 1000 (two heads); deit_mini4 by the same count.
     'deit_ti16': 5563400, 'deit_s16': 21743432, 'deit_b16': 85953992, 'deit_mini4': 1843592,
+    # micro4: patch 4, dim 64, depth 4, MLP 128, a 7x7 grid (28x28), by the same count.
+    'vit_micro4': 146916, 'deit_micro4': 153544,
 }
 
 
@@ -54,6 +56,7 @@ EXPECTED_TAPS = {
     # DeiTs: the same grids, class and distillation tokens dropped.
     'deit_ti16': stage(12, 192, 2), 'deit_s16': stage(12, 384, 2),
     'deit_b16': stage(12, 768, 2), 'deit_mini4': stage(6, 192, 8),
+    'vit_micro4': stage(4, 64, 8), 'deit_micro4': stage(4, 64, 8),
 }
 
 

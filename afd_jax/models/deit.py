@@ -1,6 +1,7 @@
 """Data-efficient image Transformers with a distillation token (Touvron et al. 2021, DeiT's
 `DistilledVisionTransformer`): `deit_ti16`, `deit_s16`, `deit_b16` (the sizes of `vit_ti16`,
-`vit_s16`, `vit_b16`) and `deit_mini4` (that of `vit_mini4`: patch 4, for 32x32 images).
+`vit_s16`, `vit_b16`), `deit_mini4` and `deit_micro4` (those of `vit_mini4` and `vit_micro4`:
+patch 4, for 32x32 and 28x28 images).
 
 A zoo ViT (afd_jax/models/vit.py) with two prefix tokens, the class token then `dist_token`
 (position embeddings for both, `2 + patches` rows as DeiT's `pos_embed`), and a second head,

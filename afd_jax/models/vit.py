@@ -1,6 +1,7 @@
 """Vision Transformers (Dosovitskiy et al. 2021) with timm's layout: `vit_ti16`, `vit_s16`,
-`vit_b16` (16x16 patches, class token, 224x224 by default) and `vit_mini4` (patch 4, for 32x32
-and 28x28 images).
+`vit_b16` (16x16 patches, class token, 224x224 by default), `vit_mini4` (patch 4, for 32x32
+and 28x28 images) and `vit_micro4` (patch 4, width 64, 4 blocks, 28x28 by default: small enough
+to train on a CPU).
 
 Any image whose sides divide by the patch size works: the position embeddings, learned for the
 model's `image_size`, are resized to the patch grid with PyTorch's bicubic interpolation
@@ -157,4 +158,5 @@ CONFIGS = {
     'vit_s16': dict(patch=16, dim=384, depth=12, heads=6, mlp_dim=1536),
     'vit_b16': dict(patch=16, dim=768, depth=12, heads=12, mlp_dim=3072),
     'vit_mini4': dict(patch=4, dim=192, depth=6, heads=3, mlp_dim=384, image_size=32),
+    'vit_micro4': dict(patch=4, dim=64, depth=4, heads=2, mlp_dim=128, image_size=28),
 }
