@@ -176,3 +176,45 @@ def test_a_checkpoint_written_before_the_state_had_ema_still_restores(tmp_path):
   state, _ = checkpoint.Checkpoints(str(tmp_path), create=False).restore_latest(target)
   assert isinstance(state, TrainState) and state.ema == {} and int(state.step) == 4
   np.testing.assert_array_equal(state.params['student']['w'], [0.0, 1.0, 2.0])
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'optimizer__name': 'lamb'}, 'optimizer.name must be one of sgd, adamw'),
+    ({'mixup__mixup_alpha': -0.5}, 'mixup.mixup_alpha must be >= 0'),
+    ({'method': 'deit_hard'}, "method 'deit_hard' distils into a distillation token, which "
+                              "student 'resnet8' has not; students that have one: deit_ti16"),
+])
+def test_the_cli_refuses_bad_recipe_settings_in_one_line(digits_data_dir, tmp_path, overrides,
+                                                         message):
+  from tests.test_errors import cli_refuses  # pylint: disable=g-import-not-at-top
+  args = runs.flag_args(digits_data_dir, num_train_steps=1, **overrides)
+  cli_refuses(args, tmp_path / 'w', message)
+  assert not (tmp_path / 'w' / 'checkpoints').exists()
+
+
+@pytest.mark.parametrize('method', ['afd', 'sp', 'deit_soft'])
+def test_feature_methods_train_a_deit_student_on_its_patch_tokens(method):
+  """Every method works with a DeiT student: its taps are the patch tokens (both prefix tokens
+  dropped); one step of each gives finite losses and moves the student."""
+  from afd_jax import bench, sharding  # pylint: disable=g-import-not-at-top
+  from tests.test_methods import mesh8  # pylint: disable=g-import-not-at-top
+  image = (8, 8, 3)
+  task = task_lib.task_from_config(bench.bench_config(method, 'resnet8', 'deit_micro4', qk_dim=8),
+                                   4, 1, jnp.float32, image, num_train_examples=16)
+  assert [t.name for t in task.student.taps()] == [f'blocks.{i}' for i in range(4)]
+  mesh = mesh8()
+  teacher_vars = jax.jit(lambda k: task.teacher.init(k, jnp.zeros((2,) + image), train=False))(
+      jax.random.PRNGKey(1))
+  state = step.jit_init_state(task, mesh, image, jax.eval_shape(lambda: teacher_vars))(
+      jax.random.PRNGKey(0))
+  before = jax.device_get(state.params['student'])
+  rng = np.random.default_rng(0)
+  batch = sharding.global_batch({'image': rng.normal(size=(16,) + image).astype(np.float32),
+                                 'label': rng.integers(0, 4, 16).astype(np.int32),
+                                 'index': np.arange(16, dtype=np.int32)}, mesh)
+  state, metrics = step.jit_train_step(task, mesh)(state, teacher_vars, batch)
+  metrics = jax.device_get(metrics)
+  assert np.isfinite(metrics[method]) and metrics[method] > 0 and np.isfinite(metrics['loss'])
+  moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), before,
+                       jax.device_get(state.params['student']))
+  assert any(jax.tree.leaves(moved))
