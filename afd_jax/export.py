@@ -10,7 +10,7 @@ import sys
 
 from absl import flags, logging
 
-from afd_jax import checkpoint, cli
+from afd_jax import checkpoint, cli, weights
 from afd_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run folder with checkpoints/.')
@@ -30,7 +30,7 @@ def main(argv):
       raise UserError(f'{_OUT.value} exists; not overwriting it.')
     if not checkpoint.has_checkpoints(_WORKDIR.value):
       raise UserError(f'{_WORKDIR.value} has no checkpoints.')
-    checkpoint.export_variables(_WORKDIR.value, _OUT.value, _MODEL.value)
+    weights.export_variables(_WORKDIR.value, _OUT.value, _MODEL.value)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 
 from afd_jax import checkpoint, data, distill, metrics, models, optim, sharding, step, workdir_lock
 from afd_jax import task as task_lib
+from afd_jax import weights
 from afd_jax.errors import UserError, warn
 from afd_jax.mixing import Mixing
 from afd_jax.state import student_variables
@@ -243,7 +244,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   teacher_vars = None
   if distil:
     teacher_vars = jax.device_put(task_lib.cast_floats(
-        checkpoint.load_teacher(config, teacher, info.num_classes, info.image_shape),
+        weights.load_teacher(config, teacher, info.num_classes, info.image_shape),
         task.param_dtype), rep)
 
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # processes > 0 (process 0 made it)
@@ -269,7 +270,7 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
     else:
       state = init_fn(rng)
       if config.student.init_checkpoint:
-        initial = checkpoint.load_model_variables(
+        initial = weights.load_model_variables(
             config.student.init_checkpoint, config.student.name, student, info.num_classes,
             info.image_shape, 'student.init_checkpoint', new_head_ok=True)
         initial = task_lib.cast_floats(initial, task.param_dtype)

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from afd_jax import checkpoint, cli, data, distill, sharding, step, train, viz
+from afd_jax import checkpoint, cli, data, distill, sharding, step, train, viz, weights
 from afd_jax import task as task_lib
 from afd_jax.errors import UserError
 from afd_jax.state import distiller_variables, student_variables
@@ -96,7 +96,7 @@ def checkpoint_attention(workdir: str, config):
   info = data.dataset_info(config, process_count=jax.process_count())
   task = task_lib.task_from_config(config, info.num_classes, 1, train.DTYPES[config.dtype],
                                info.image_shape)
-  teacher_vars = checkpoint.load_teacher(config, task.teacher, info.num_classes, info.image_shape)
+  teacher_vars = weights.load_teacher(config, task.teacher, info.num_classes, info.image_shape)
   rep = sharding.replicated(mesh)
   init = step.jit_init_state(task, mesh, info.image_shape, jax.eval_shape(lambda: teacher_vars))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),

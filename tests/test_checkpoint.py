@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from afd_jax import checkpoint, models, step, train, workdir_lock
+from afd_jax import checkpoint, models, step, train, weights, workdir_lock
 from afd_jax import task as task_lib
 from afd_jax.errors import UserError
 from afd_jax.interop import torch as torch_interop
@@ -213,7 +213,7 @@ def test_non_finite_loss_stops_before_any_checkpoint_of_it(digits_data_dir, tmp_
   assert lines[0].startswith(f"error: non-finite loss term 'ce' at step {nan_step}"), lines[0]
   assert f'the last good checkpoint is step 5 in {tmp_path / "checkpoints"}' in lines[0]
   assert checkpoint.Checkpoints(str(tmp_path), create=False).steps() == [5]
-  variables, meta = checkpoint.restore_raw_variables(str(tmp_path))
+  variables, meta = weights.restore_raw_variables(str(tmp_path))
   assert meta['step'] == 5
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
   assert not (tmp_path / 'summary.json').exists()
@@ -236,13 +236,13 @@ def test_teacher_from_pth_and_from_our_workdir_give_the_same_logits(digits_data_
                                                                    tmp_path):
   torch = pytest.importorskip('torch', reason='torch is optional; CI installs the CPU build')
   model = models.create('resnet8', 10)
-  from_orbax = checkpoint.load_teacher(teacher_config(digits_data_dir, teacher_run), model, 10,
-                                       (8, 8, 1))
+  from_orbax = weights.load_teacher(teacher_config(digits_data_dir, teacher_run), model, 10,
+                                    (8, 8, 1))
   state_dict = {k: torch.from_numpy(np.array(v))
                 for k, v in torch_interop.to_state_dict('resnet8', from_orbax).items()}
   torch.save({'model': state_dict}, tmp_path / 'teacher.pth')
-  from_pth = checkpoint.load_teacher(teacher_config(digits_data_dir, tmp_path / 'teacher.pth'),
-                                     model, 10, (8, 8, 1))
+  from_pth = weights.load_teacher(teacher_config(digits_data_dir, tmp_path / 'teacher.pth'),
+                                  model, 10, (8, 8, 1))
   images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 1)), jnp.float32)
   a, _ = model.apply(from_orbax, images, train=False)
   b, _ = model.apply(from_pth, images, train=False)

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from afd_jax import checkpoint, distill, sharding, step, train
+from afd_jax import checkpoint, distill, sharding, step, train, weights
 from afd_jax.distill.crd import CRD, sample_negatives
 from afd_jax.errors import UserError
 from configs import methods
@@ -214,8 +214,8 @@ def test_a_stopped_and_resumed_run_has_the_uninterrupted_banks(digits_data_dir, 
   task = train.make_task(config, info, data.steps_per_epoch(config, info, 1))
   mesh = mesh_of(8)
   rep = sharding.replicated(mesh)
-  teacher_vars = jax.device_put(checkpoint.load_teacher(config, task.teacher, info.num_classes,
-                                                        info.image_shape), rep)
+  teacher_vars = jax.device_put(weights.load_teacher(config, task.teacher, info.num_classes,
+                                                     info.image_shape), rep)
   init = step.jit_init_state(task, mesh, info.image_shape, jax.eval_shape(lambda: teacher_vars))
   train_step = step.jit_train_step(task, mesh)
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from afd_jax import checkpoint, models
+from afd_jax import models, weights
 from afd_jax.errors import UserError
 from afd_jax.interop import torch as torch_interop
 from afd_jax.models import vit
@@ -200,8 +200,8 @@ def test_weights_without_a_distillation_token_are_refused_by_a_deit_and_the_reve
   torch.save({k: torch.from_numpy(v) for k, v in plain.items()}, path)
   model = models.create('deit_mini4', 10)
   with pytest.raises(UserError, match='no distillation token') as error:
-    checkpoint.load_model_variables(str(path), 'deit_mini4', model, 10, (32, 32, 3),
-                                    'student checkpoint')
+    weights.load_model_variables(str(path), 'deit_mini4', model, 10, (32, 32, 3),
+                                 'student checkpoint')
   assert '\n' not in str(error.value)
 
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from afd_jax import checkpoint, models
+from afd_jax import checkpoint, models, weights
 from tests import runs
 
 
@@ -119,7 +119,7 @@ def test_teacher_workdir_whose_checkpoints_are_all_unreadable(digits_data_dir, t
                      'batch_stats': {'student': variables['batch_stats']}, 'step': step},
               {'fingerprint': {'student.name': 'resnet8', 'num_classes': 10}, 'step': step})
   ckpt.close()
-  assert checkpoint.restore_raw_variables(str(teacher))[1]['step'] == 4  # readable before
+  assert weights.restore_raw_variables(str(teacher))[1]['step'] == 4  # readable before
   steps = sorted(p for p in (teacher / 'checkpoints').iterdir() if p.name.isdigit())
   assert len(steps) == 2
   for step_dir in steps:  # every array file of every checkpoint becomes garbage

@@ -217,11 +217,11 @@ def test_a_float64_run_through_the_command_line_saves_a_float64_state(digits_dat
                                workdir=str(workdir))
   assert result.returncode == 0, result.stderr[-2000:]
   assert runs.summary(workdir)['final_step'] == 2 and not jax.config.jax_enable_x64
-  from afd_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from afd_jax import train  # pylint: disable=g-import-not-at-top
+  from afd_jax.weights import restore_raw_variables  # pylint: disable=g-import-not-at-top
   config = base.get_base_config()
   config.dtype = 'float64'
   with train.float64_mode(config):  # (without x64 JAX would read float64 as float32)
-    variables, _ = checkpoint.restore_raw_variables(str(workdir))
+    variables, _ = restore_raw_variables(str(workdir))
   dtypes = {str(x.dtype) for x in jax.tree.leaves(variables)}
   assert dtypes == {'float64'}, dtypes

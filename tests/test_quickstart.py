@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from afd_jax import checkpoint, models, quickstart
+from afd_jax import checkpoint, models, quickstart, weights
 from afd_jax.errors import UserError
 from afd_jax.data import stats
 from configs import quickstart as quickstart_config
@@ -24,8 +24,8 @@ def test_shipped_teacher_is_a_trained_resnet20():
                 '(launch/setup.sh installs it as root)')
   from afd_jax.data.builders import fashion_mnist_local  # pylint: disable=g-import-not-at-top
   model = models.create('resnet20', 10)
-  variables = checkpoint.load_model_variables(quickstart_config.TEACHER_CHECKPOINT, 'resnet20',
-                                              model, 10, (28, 28, 1), 'teacher checkpoint')
+  variables = weights.load_model_variables(quickstart_config.TEACHER_CHECKPOINT, 'resnet20',
+                                           model, 10, (28, 28, 1), 'teacher checkpoint')
   images, labels = fashion_mnist_local.load_split(FASHION_DIR, 'test')
   x = (images[:1000].astype(np.float32) / 255 - np.float32(stats.FASHION_MNIST_MEAN)) / \
       np.float32(stats.FASHION_MNIST_STD)
@@ -49,14 +49,14 @@ def test_exported_variables_load_like_the_run_they_came_from(tmp_path):
             f'--out={out}']
   subprocess.run(export, check=True, capture_output=True, env=runs.env(1), cwd=runs.REPO)
   model = models.create('resnet8', 10)
-  load = lambda path: checkpoint.load_model_variables(str(path), 'resnet8', model, 10, (8, 8, 1),
-                                                      'teacher checkpoint')
+  load = lambda path: weights.load_model_variables(str(path), 'resnet8', model, 10, (8, 8, 1),
+                                                   'teacher checkpoint')
   from_run, from_file = load(run), load(out)
   jax.tree.map(np.testing.assert_array_equal, from_run, from_file)
   jax.tree.map(np.testing.assert_array_equal, from_file, jax.device_get(variables))
   with pytest.raises(UserError, match="holds a 'resnet8' model, not 'resnet14'"):
-    checkpoint.load_model_variables(str(out), 'resnet14', models.create('resnet14', 10), 10,
-                                    (8, 8, 1), 'teacher checkpoint')
+    weights.load_model_variables(str(out), 'resnet14', models.create('resnet14', 10), 10,
+                                 (8, 8, 1), 'teacher checkpoint')
   # The exporter never overwrites.
   before = out.read_bytes()
   result = subprocess.run(export, capture_output=True, text=True, env=runs.env(1), cwd=runs.REPO)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from afd_jax import checkpoint, train, visualize
+from afd_jax import checkpoint, train, visualize, weights
 from afd_jax.errors import UserError
 from tests import runs
 
@@ -86,8 +86,8 @@ def test_two_processes_equal_one_process(digits_data_dir, tmp_path):
     # atol as in test_step: float32 summation order on the small terms (afd ~0.03 here).
     np.testing.assert_allclose(multi['train'][key], single['train'][key], rtol=1e-5, atol=1e-6)
   for part in ('student', 'distiller'):  # the student and the AFD meta-network
-    a, meta_a = checkpoint.restore_raw_variables(str(tmp_path / 'single'), part)
-    b, meta_b = checkpoint.restore_raw_variables(str(tmp_path / 'multi'), part)
+    a, meta_a = weights.restore_raw_variables(str(tmp_path / 'single'), part)
+    b, meta_b = weights.restore_raw_variables(str(tmp_path / 'multi'), part)
     assert meta_a['step'] == meta_b['step'] == 3
     assert jax.tree.structure(a) == jax.tree.structure(b) and jax.tree.leaves(a['params'])
     diff = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)
