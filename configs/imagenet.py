@@ -19,10 +19,8 @@ from configs.base import get_base_config, parse_arg
 DEFAULTS = {'method': 'afd', 'seed': '0', 'model': ''}
 
 
-def get_config(arg: str = ''):
-  a = parse_arg(arg, DEFAULTS, 'imagenet.py')
-  c = methods.get_config('none' if a['model'] else a['method'])
-  c.seed = int(a['seed'])
+def set_dataset(c) -> None:
+  """TFDS imagenet2012 at 224x224 (random-resized crop + flip), streamed from its files."""
   c.dataset.name = 'imagenet2012'
   c.dataset.eval_split = 'validation'
   c.dataset.augment = 'imagenet'
@@ -30,6 +28,13 @@ def get_config(arg: str = ''):
   c.dataset.mean, c.dataset.std = stats.IMAGENET_MEAN, stats.IMAGENET_STD
   c.dataset.shuffle_buffer = 16384
   c.dataset.cache = False
+
+
+def get_config(arg: str = ''):
+  a = parse_arg(arg, DEFAULTS, 'imagenet.py')
+  c = methods.get_config('none' if a['model'] else a['method'])
+  c.seed = int(a['seed'])
+  set_dataset(c)
   c.teacher.name, c.student.name = 'resnet34im', a['model'] or 'resnet18im'
   c.num_epochs, c.batch_size, c.eval_batch_size = 100, 256, 1000
   c.optimizer.learning_rate, c.optimizer.weight_decay = 0.1, 1e-4

@@ -19,6 +19,7 @@ from afd_jax import models, weights
 from afd_jax.errors import UserError
 from afd_jax.interop import torch as torch_interop
 from afd_jax.models import vit
+from tests.test_vit import timm_block_names, transformers4_names
 
 BASE = 32  # deit_mini4: patch 4, dim 192, depth 6, heads 3, MLP 384, learned on 32x32
 
@@ -55,34 +56,7 @@ def timm_names(hf):
     out['norm.' + leaf] = hf['deit.layernorm.' + leaf]
     out['head.' + leaf] = hf['cls_classifier.' + leaf]
     out['head_dist.' + leaf] = hf['distillation_classifier.' + leaf]
-    for i in range(6):
-      h, t = f'deit.layers.{i}.', f'blocks.{i}.'
-      out[t + 'norm1.' + leaf] = hf[h + 'layernorm_before.' + leaf]
-      out[t + 'attn.qkv.' + leaf] = np.concatenate(
-          [hf[f'{h}attention.{p}_proj.{leaf}'] for p in 'qkv'])
-      out[t + 'attn.proj.' + leaf] = hf[h + 'attention.o_proj.' + leaf]
-      out[t + 'norm2.' + leaf] = hf[h + 'layernorm_after.' + leaf]
-      out[t + 'mlp.fc1.' + leaf] = hf[h + 'mlp.fc1.' + leaf]
-      out[t + 'mlp.fc2.' + leaf] = hf[h + 'mlp.fc2.' + leaf]
-  return out
-
-
-def transformers4_names(hf):
-  """transformers 5's DeiT names -> 4.x's (what DeiT files on the Hub hold), from 4.x's
-  modeling_deit.py (DeiTLayer under deit.encoder.layer.{i}: attention.attention.{query,key,
-  value}, attention.output.dense, intermediate.dense, output.dense)."""
-  parts = {'attention.q_proj': 'attention.attention.query',
-           'attention.k_proj': 'attention.attention.key',
-           'attention.v_proj': 'attention.attention.value',
-           'attention.o_proj': 'attention.output.dense', 'mlp.fc1': 'intermediate.dense',
-           'mlp.fc2': 'output.dense'}
-  out = {}
-  for key, value in hf.items():
-    if key.startswith('deit.layers.'):
-      i, rest = key[len('deit.layers.'):].split('.', 1)
-      part, leaf = rest.rsplit('.', 1)
-      key = f'deit.encoder.layer.{i}.{parts.get(part, part)}.{leaf}'
-    out[key] = value
+  out.update(timm_block_names(hf, 'deit', 6))
   return out
 
 
@@ -109,7 +83,7 @@ def test_heads_and_every_tap_equal_transformers_deit_with_teacher(hugging_face_d
     logits, taps = model.apply(variables, x, train=False)
     return train_logits, dist, logits, taps
 
-  for layout, sd in (('transformers 5', hf), ('transformers 4', transformers4_names(hf)),
+  for layout, sd in (('transformers 5', hf), ('transformers 4', transformers4_names(hf, 'deit')),
                      ('timm', timm_names(hf))):
     train_logits, dist, logits, taps = forward(torch_interop.convert('deit_mini4', sd),
                                                jnp.asarray(images))

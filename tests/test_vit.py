@@ -73,8 +73,16 @@ def timm_names(hf):
          'patch_embed.proj.bias': hf['vit.embeddings.patch_embeddings.projection.bias'],
          'norm.weight': hf['vit.layernorm.weight'], 'norm.bias': hf['vit.layernorm.bias'],
          'head.weight': hf['classifier.weight'], 'head.bias': hf['classifier.bias']}
-  for i in range(depth_of(hf)):
-    h, t = f'vit.layers.{i}.', f'blocks.{i}.'
+  out.update(timm_block_names(hf, 'vit', depth_of(hf)))
+  return out
+
+
+def timm_block_names(hf, prefix: str, depth: int):
+  """transformers 5's encoder blocks under `prefix.layers.{i}` -> timm's `blocks.{i}.*` (the
+  same in ViT and DeiT)."""
+  out = {}
+  for i in range(depth):
+    h, t = f'{prefix}.layers.{i}.', f'blocks.{i}.'
     for leaf in ('weight', 'bias'):
       out[t + 'norm1.' + leaf] = hf[h + 'layernorm_before.' + leaf]
       out[t + 'attn.qkv.' + leaf] = np.concatenate(
@@ -86,10 +94,11 @@ def timm_names(hf):
   return out
 
 
-def transformers4_names(hf):
-  """transformers 5's ViT names -> 4.x's (what ViT files on the Hub hold), from 4.x's
-  modeling_vit.py (ViTLayer: attention.attention.{query,key,value}, attention.output.dense,
-  intermediate.dense, output.dense, layernorm_before/after under vit.encoder.layer.{i})."""
+def transformers4_names(hf, prefix: str = 'vit'):
+  """transformers 5's ViT (DeiT: `prefix` 'deit') names -> 4.x's (what the files on the Hub
+  hold), from 4.x's modeling_vit.py / modeling_deit.py (attention.attention.{query,key,value},
+  attention.output.dense, intermediate.dense, output.dense, layernorm_before/after under
+  `prefix`.encoder.layer.{i})."""
   parts = {'attention.q_proj': 'attention.attention.query',
            'attention.k_proj': 'attention.attention.key',
            'attention.v_proj': 'attention.attention.value',
@@ -97,10 +106,10 @@ def transformers4_names(hf):
            'mlp.fc2': 'output.dense'}
   out = {}
   for key, value in hf.items():
-    if key.startswith('vit.layers.'):
-      i, rest = key[len('vit.layers.'):].split('.', 1)
+    if key.startswith(f'{prefix}.layers.'):
+      i, rest = key[len(f'{prefix}.layers.'):].split('.', 1)
       part, leaf = rest.rsplit('.', 1)
-      key = f'vit.encoder.layer.{i}.{parts.get(part, part)}.{leaf}'
+      key = f'{prefix}.encoder.layer.{i}.{parts.get(part, part)}.{leaf}'
     out[key] = value
   return out
 
