@@ -1,10 +1,13 @@
 """Launch scripts: the TPU pod dry run prints the commands; bad use of it and of
 local_multiprocess.sh is refused; the study runner runs a teacher only where a student needs it,
 keeps one that reproduces, resumes a student started against the current teacher, and stops
-where a student has no teacher run."""
+where a student has no teacher run. The GPU comparison's dry run prints its commands, bad use is
+refused in one line, and its table and (with the official code at hand) official step work."""
 import importlib.util
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -172,3 +175,137 @@ def test_study_stops_when_a_student_has_no_teacher_run(tmp_path):
   with pytest.raises(SystemExit, match='kd-s0 needs teacher-s0, which has no finished run'):
     study.run(str(tmp_path), 'kd', 0, record)
   assert not (tmp_path / 'kd-s0').exists() and 'kd-s0' not in record
+
+
+def gpu_compare(tmp_path, *args, official='set'):
+  """launch/gpu_compare.sh with AFD_OFFICIAL_DIR set to a folder that need not exist
+  (`official='set'`), to `official`, or unset (None); OUT unset."""
+  env = {k: v for k, v in os.environ.items() if k not in ('AFD_OFFICIAL_DIR', 'OUT')}
+  if official is not None:
+    env['AFD_OFFICIAL_DIR'] = str(tmp_path / 'afd_official') if official == 'set' else official
+  return subprocess.run(['bash', str(runs.REPO / 'launch' / 'gpu_compare.sh'), *args],
+                        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+
+
+def flag(line, name):
+  words = line.split()
+  return words[words.index(name) + 1]
+
+
+GPU_CASES = [('wrn40x2', 'wrn16x2', '32', '64', 'float32'),
+             ('wrn40x2', 'wrn16x2', '32', '1024', 'bfloat16'),
+             ('resnet34im', 'resnet18im', '224', '256', 'bfloat16')]
+
+
+def case_flags(line):
+  return tuple(flag(line, f) for f in ('--teacher', '--student', '--image-size', '--batch',
+                                       '--dtype'))
+
+
+def test_gpu_compare_dry_run_prints_both_steps_of_the_three_cases_and_runs_none(tmp_path):
+  """Our step and the official one for each case, the official code read from
+  AFD_OFFICIAL_DIR, every result appended to OUT.jsonl, then the table into --out; nothing is
+  run (no file appears) and no GPU or torch is needed."""
+  result = gpu_compare(tmp_path, '--dry-run', '--out', 'tables/cmp.md')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  raw = str(tmp_path / 'tables' / 'cmp.jsonl')
+  assert lines[0] == f'cd {runs.REPO}' and 'gpu_compare.py check' in lines[1]
+  assert flag(lines[1], '--official-dir') == str(tmp_path / 'afd_official')
+  ours = [l for l in lines if '-m afd_jax.bench' in l]
+  theirs = [l for l in lines if 'gpu_compare.py official' in l]
+  assert [case_flags(l) for l in ours] == GPU_CASES == [case_flags(l) for l in theirs]
+  assert all(flag(l, '--official-dir') == str(tmp_path / 'afd_official') for l in theirs)
+  assert all('--method all' in l and '--json' in l for l in ours)
+  assert [flag(l, '--num-classes') for l in ours] == ['100', '100', '1000']
+  assert all(l.endswith(f'>> {raw}') for l in ours + theirs)
+  assert lines.index(theirs[0]) > lines.index(ours[0]) and lines.index(ours[1]) > lines.index(
+      theirs[0])
+  assert lines[-1].split() == [lines[1].split()[0], 'launch/gpu_compare.py', 'table', raw,
+                               '--out', str(tmp_path / 'tables' / 'cmp.md')]
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_compare_dry_run_without_the_official_dir_and_with_grouped_batch_norm(tmp_path):
+  """Without AFD_OFFICIAL_DIR the dry run names the variable; --bn-group-size adds our grouped
+  WRN steps only; the table goes to $OUT/gpu_compare.md by default."""
+  result = gpu_compare(tmp_path, '--dry-run', '--bn-group-size', '32', '--steps', '12',
+                       official=None)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  grouped = [l for l in lines if '--bn-group-size 32' in l]
+  assert [case_flags(l) for l in grouped] == GPU_CASES[:2]
+  assert all('-m afd_jax.bench' in l and flag(l, '--steps') == '12' for l in grouped)
+  assert all('--official-dir "$AFD_OFFICIAL_DIR"' in l for l in lines if 'official-dir' in l)
+  assert lines[-1].endswith(f'--out {tmp_path}/gpu_compare.md')
+
+
+@pytest.mark.parametrize('official,args,message', [
+    (None, (), 'set AFD_OFFICIAL_DIR'),
+    ('not_a_checkout', (), 'is not a checkout of clovaai/attention-feature-distillation'),
+    ('set', ('--bn-group-size', '48', '--dry-run'), 'must divide the batches 64 and 1024'),
+    ('set', ('--steps',), '--steps needs a value'),
+    ('set', ('--rounds', 'x', '--dry-run'), "whole numbers, not 'x'"),
+    ('set', ('--steps', '0', '--dry-run'), 'must be at least 1')])
+def test_gpu_compare_refuses_in_one_line_before_running_anything(tmp_path, official, args,
+                                                                 message):
+  if official == 'not_a_checkout':
+    (tmp_path / official).mkdir()
+    official = str(tmp_path / official)
+  result = gpu_compare(tmp_path, *args, official=official)
+  assert result.returncode == 2 and result.stdout == ''
+  assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+
+
+def bench_report(batch, ms, **fields):
+  """A report of afd_jax.bench --json (the fields the table reads), step ms per method."""
+  return {'device': 'GPU x 1', 'backend': 'gpu', 'teacher': 'wrn40x2', 'student': 'wrn16x2',
+          'batch': batch, 'dtype': 'float32', 'image_size': 32, 'bn_group_size': 0,
+          'results': [{'method': m, 'median_step_ms': t, 'images_per_s': batch / t * 1e3}
+                      for m, t in ms.items()], **fields}
+
+
+def test_gpu_compare_table_puts_ours_beside_the_official_step(tmp_path):
+  """Step ms, images/s, afd/kd per row and ours/official images/s per method, on stdout and in
+  --out; a case without an official row has no ratio."""
+  reports = [bench_report(64, {'ce': 2.0, 'kd': 4.0, 'afd': 5.0}),
+             bench_report(64, {'ce': 4.0, 'kd': 8.0, 'afd': 12.0}, implementation='official',
+                          official_commit='dd990d0'),
+             bench_report(128, {'ce': 3.0, 'kd': 5.0, 'afd': 5.5})]
+  raw = tmp_path / 'raw.jsonl'
+  raw.write_text(''.join(json.dumps(r) + '\n' for r in reports))
+  result = subprocess.run([sys.executable, str(runs.REPO / 'launch' / 'gpu_compare.py'), 'table',
+                           str(raw), '--out', str(tmp_path / 'out' / 't.md')],
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / 'out' / 't.md').read_text() == result.stdout
+  rows = [l for l in result.stdout.splitlines() if l.startswith('| wrn40x2')]
+  cells = [[c.strip() for c in r.strip('|').split('|')] for r in rows]
+  assert [c[3:5] for c in cells] == [['float32', 'afd_jax'], ['float32', 'official'],
+                                     ['float32', 'afd_jax']]
+  assert cells[0][5:] == ['2.00', '4.00', '5.00', '32,000', '16,000', '12,800', '**1.250**',
+                          '2.00 / 2.00 / 2.40']
+  assert cells[1][10:] == ['5,333', '**1.500**', '-'] and cells[2][2] == '128'
+  assert cells[2][-2:] == ['**1.100**', '-'] and 'dd990d0' in result.stdout
+
+
+OFFICIAL_DIR = os.environ.get('AFD_OFFICIAL_DIR')
+
+
+@pytest.mark.skipif(not OFFICIAL_DIR or importlib.util.find_spec('torch') is None,
+                    reason='needs torch and AFD_OFFICIAL_DIR, a checkout of the official AFD code')
+def test_gpu_compare_times_the_official_step_on_the_cpu():
+  """The official ce, kd and afd steps run (here on the CPU, tiny): from the same student,
+  teacher and batch the first losses grow by the KD and then the AFD term."""
+  result = subprocess.run(
+      [sys.executable, str(runs.REPO / 'launch' / 'gpu_compare.py'), 'official', '--device',
+       'cpu', '--official-dir', OFFICIAL_DIR, '--teacher', 'resnet20', '--student', 'resnet20',
+       '--batch', '2', '--image-size', '16', '--num-classes', '10', '--steps', '2', '--rounds',
+       '2', '--warmup', '1'], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout)
+  assert report['implementation'] == 'official' and report['batch'] == 2
+  by = {r['method']: r for r in report['results']}
+  assert list(by) == ['ce', 'kd', 'afd'] and all(r['steps_timed'] == 2 for r in by.values())
+  assert 0 < by['ce']['first_loss'] < by['kd']['first_loss'] < by['afd']['first_loss']
+  assert report['afd_over_kd'] == by['afd']['median_step_ms'] / by['kd']['median_step_ms']
