@@ -26,6 +26,7 @@ from afd_jax.task import Task, cast_floats
 
 Batch = Dict[str, jax.Array]
 Metrics = Dict[str, jax.Array]
+Step = Callable[[TrainState, Any, Batch], Tuple[TrainState, Metrics]]
 
 
 def _wants(task: Task, role: str) -> Tuple[str, ...]:
@@ -116,82 +117,90 @@ def init_state(task: Task, rng: jax.Array, image_shape, teacher_abstract=None) -
                     opt_state=opt_state, rng=base_rng, ema=ema)
 
 
-def _main_opt_state(task: Task, opt_state):
-  return opt_state[1] if task.pretrain is not None else opt_state
-
-
-def make_train_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[TrainState, Metrics]]:
-  """`train_step(state, teacher_variables, batch) -> (state, metrics)`; pure."""
-  s_wants, t_wants = _wants(task, 'student'), _wants(task, 'teacher')
-
-  def train_step(state: TrainState, teacher_vars, batch: Batch):
-    images, labels = cast_floats(batch['image'], task.param_dtype), batch['label']
-    rng = jax.random.fold_in(state.rng, state.step)
-    targets = None
-    if task.mixing.soft_targets:  # the teacher sees the mixed images too
-      images, targets = mix_batch(images, labels, jax.random.fold_in(rng, 2), task.mixing,
-                                  task.num_classes)
-    t_logits = t_feats = t_extra = None
-    if task.needs_teacher:
-      t_logits, t_feats, t_extra = jax.lax.stop_gradient(
-          _forward(task.teacher, teacher_vars, teacher_images(task, images), False, t_wants))
-
-    def loss_fn(params):
-      with layers.batch_norm_groups(task.bn_group_size):
-        (logits, s_feats, s_extra), s_updates = _forward(
-            task.student, variables_of('student', params, state.batch_stats),
-            images, True, s_wants, mutable=['batch_stats'], rngs={'dropout': rng})
-      terms = {'ce': cross_entropy(logits, labels) if targets is None
-               else soft_cross_entropy(logits, targets)}
-      if task.nan_at_step > 0:
-        terms['ce'] = jnp.where(state.step + 1 == task.nan_at_step, jnp.nan, terms['ce'])
-      loss = task.ce_weight * terms['ce']
-      if task.kd_weight > 0:
-        terms['kd'] = kd_loss(logits, t_logits, task.kd_temperature)
-        loss += task.kd_weight * terms['kd']
-      stats = {'student': s_updates['batch_stats'], 'distiller': state.batch_stats['distiller']}
-      aux = None
-      if task.distils_features:
-        inputs = distiller_inputs(task, student_logits=logits, teacher_logits=t_logits,
-                                  student_extra=s_extra, teacher_extra=t_extra,
-                                  batch=batch, step=state.step, rng=jax.random.fold_in(rng, 1))
-        with layers.batch_norm_groups(task.bn_group_size):
-          (feature_loss, aux), d_updates = task.distiller.apply(
-              variables_of('distiller', params, state.batch_stats),
-              s_feats, t_feats, train=True, mutable=['batch_stats'], **inputs)
-        stats['distiller'] = d_updates.get('batch_stats', {})
-        terms[task.feature_name] = feature_loss
-        loss += task.feature_weight * feature_loss
-      return loss, (terms, stats, logits, aux)
-
-    (loss, (terms, stats, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    main_opt_state = _main_opt_state(task, state.opt_state)
-    updates, main_opt_state = task.tx.update(grads, main_opt_state, state.params)
-    if task.pretrain is not None and task.pretrain.frozen_after:  # as the stage left them
-      updates = _zero_groups(updates, task.pretrain.frozen_after)
-    params = optax.apply_updates(state.params, updates)
-    opt_state = ((state.opt_state[0], main_opt_state) if task.pretrain is not None
-                 else main_opt_state)
-    metrics = {**terms, 'loss': loss, 'grad_norm': optax.tree.norm(grads),
-               'top1': jnp.mean(jnp.argmax(logits, -1) == labels),
-               'learning_rate': task.schedule(state.step)}
-    if task.attention and aux is not None:  # B x T x S: its batch mean is logged and plotted
-      metrics['attention'] = jnp.mean(aux, axis=0)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
-                              opt_state=opt_state,
-                              ema=moving_average(task, state.ema, params, stats))
-    return new_state, metrics
-
-  return train_step
-
-
 def teacher_images(task: Task, images: jax.Array) -> jax.Array:
   """The student's normalised images as the teacher expects them (`Task.teacher_input`)."""
   if task.teacher_input is None:
     return images
   scale, shift = (jnp.asarray(v, images.dtype) for v in task.teacher_input)
   return images * scale + shift
+
+
+def _teacher_forward(task: Task, teacher_vars, images: jax.Array):
+  """The frozen teacher's `(logits, features, extra)` on the student's `images`: inference-mode
+  batch norm, no gradient."""
+  return jax.lax.stop_gradient(_forward(task.teacher, teacher_vars, teacher_images(task, images),
+                                        False, _wants(task, 'teacher')))
+
+
+def _student_and_distiller(task: Task, params, batch_stats, teacher, images: jax.Array,
+                           batch: Batch, step: jax.Array, rng: jax.Array, *,
+                           student_train: bool = True, method=None):
+  """A step's differentiated forward: the student (training batch norms where `student_train`,
+  dropout keyed by `rng`), then, where the step distils (`method` given, or
+  `task.distils_features`), the distiller's `method` (`__call__` by default) on both models'
+  outputs (`teacher`: `_teacher_forward`'s, or None). -> `(logits, the distiller's (loss, aux)
+  or None, batch_stats)`."""
+  t_logits, t_feats, t_extra = (None, None, None) if teacher is None else teacher
+  with layers.batch_norm_groups(task.bn_group_size):
+    (logits, s_feats, s_extra), s_updates = _forward(
+        task.student, variables_of('student', params, batch_stats), images, student_train,
+        _wants(task, 'student'), mutable=['batch_stats'], rngs={'dropout': rng})
+  stats = {'student': s_updates['batch_stats'] if student_train else batch_stats['student'],
+           'distiller': batch_stats['distiller']}
+  if method is None and not task.distils_features:
+    return logits, None, stats
+  inputs = distiller_inputs(task, student_logits=logits, teacher_logits=t_logits,
+                            student_extra=s_extra, teacher_extra=t_extra, batch=batch,
+                            step=step, rng=jax.random.fold_in(rng, 1))
+  with layers.batch_norm_groups(task.bn_group_size):
+    distilled, d_updates = task.distiller.apply(
+        variables_of('distiller', params, batch_stats), s_feats, t_feats, train=True,
+        mutable=['batch_stats'], method=method, **inputs)
+  stats['distiller'] = d_updates.get('batch_stats', {})
+  return logits, distilled, stats
+
+
+def _step_metrics(terms: Metrics, loss, grads, logits, labels, learning_rate) -> Metrics:
+  """What every step logs: its loss terms, their total, the gradient norm, top-1, the rate."""
+  return {**terms, 'loss': loss, 'grad_norm': optax.tree.norm(grads),
+          'top1': jnp.mean(jnp.argmax(logits, -1) == labels), 'learning_rate': learning_rate}
+
+
+def _main_loss(task: Task, step: jax.Array, logits, labels, targets, teacher, distilled):
+  """`(loss, terms)`: `ce_weight * CE + kd_weight * KD(T) + feature_weight * feature_loss`,
+  CE against the soft `targets` where the batch has them."""
+  terms = {'ce': cross_entropy(logits, labels) if targets is None
+           else soft_cross_entropy(logits, targets)}
+  if task.nan_at_step > 0:
+    terms['ce'] = jnp.where(step + 1 == task.nan_at_step, jnp.nan, terms['ce'])
+  loss = task.ce_weight * terms['ce']
+  if task.kd_weight > 0:
+    terms['kd'] = kd_loss(logits, teacher[0], task.kd_temperature)
+    loss += task.kd_weight * terms['kd']
+  if distilled is not None:
+    terms[task.feature_name] = distilled[0]
+    loss += task.feature_weight * distilled[0]
+  return loss, terms
+
+
+def _zero_groups(updates, groups: Tuple[str, ...]):
+  """`updates` with the distiller's parameter groups `groups` set to zero."""
+  distiller = {k: jax.tree.map(jnp.zeros_like, v) if k in groups else v
+               for k, v in updates['distiller'].items()}
+  return {**updates, 'distiller': distiller}
+
+
+def _main_update(task: Task, state: TrainState, grads):
+  """`(params, opt_state)` after the main optimizer's update (the pre-training stage's
+  `frozen_after` groups kept as the stage left them)."""
+  main_opt_state = state.opt_state[1] if task.pretrain is not None else state.opt_state
+  updates, main_opt_state = task.tx.update(grads, main_opt_state, state.params)
+  if task.pretrain is not None and task.pretrain.frozen_after:
+    updates = _zero_groups(updates, task.pretrain.frozen_after)
+  params = optax.apply_updates(state.params, updates)
+  opt_state = ((state.opt_state[0], main_opt_state) if task.pretrain is not None
+               else main_opt_state)
+  return params, opt_state
 
 
 def moving_average(task: Task, ema, params, batch_stats):
@@ -203,11 +212,36 @@ def moving_average(task: Task, ema, params, batch_stats):
   return optax.incremental_update(new, ema, step_size=1.0 - task.ema_decay)
 
 
-def _zero_groups(updates, groups: Tuple[str, ...]):
-  """`updates` with the distiller's parameter groups `groups` set to zero."""
-  distiller = {k: jax.tree.map(jnp.zeros_like, v) if k in groups else v
-               for k, v in updates['distiller'].items()}
-  return {**updates, 'distiller': distiller}
+def make_train_step(task: Task) -> Step:
+  """`train_step(state, teacher_variables, batch) -> (state, metrics)`; pure."""
+
+  def train_step(state: TrainState, teacher_vars, batch: Batch):
+    images, labels = cast_floats(batch['image'], task.param_dtype), batch['label']
+    rng = jax.random.fold_in(state.rng, state.step)
+    targets = None
+    if task.mixing.soft_targets:  # the teacher sees the mixed images too
+      images, targets = mix_batch(images, labels, jax.random.fold_in(rng, 2), task.mixing,
+                                  task.num_classes)
+    teacher = _teacher_forward(task, teacher_vars, images) if task.needs_teacher else None
+
+    def loss_fn(params):
+      logits, distilled, stats = _student_and_distiller(
+          task, params, state.batch_stats, teacher, images, batch, state.step, rng)
+      loss, terms = _main_loss(task, state.step, logits, labels, targets, teacher, distilled)
+      return loss, (terms, stats, logits, None if distilled is None else distilled[1])
+
+    (loss, (terms, stats, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    params, opt_state = _main_update(task, state, grads)
+    metrics = _step_metrics(terms, loss, grads, logits, labels, task.schedule(state.step))
+    if task.attention and aux is not None:  # B x T x S: its batch mean is logged and plotted
+      metrics['attention'] = jnp.mean(aux, axis=0)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=stats,
+                              opt_state=opt_state,
+                              ema=moving_average(task, state.ema, params, stats))
+    return new_state, metrics
+
+  return train_step
 
 
 def _trainable_mask(task: Task, params) -> Dict[str, Any]:
@@ -226,36 +260,24 @@ def _trainable_mask(task: Task, params) -> Dict[str, Any]:
   return {'student': student, 'distiller': distiller}
 
 
-def make_pretrain_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[TrainState, Metrics]]:
+def make_pretrain_step(task: Task) -> Step:
   """`pretrain_step(state, teacher_variables, batch) -> (state, metrics)`: one step of the
   method's own stage. Its loss is the distiller's `PretrainTask.method`; only the parts in
   `trains` change (their gradients only reach the pre-training optimizer; the rest are
   frozen). The student runs in training mode (batch statistics updated) when its body trains,
   else in inference mode."""
   pre = task.pretrain
-  s_wants, t_wants = _wants(task, 'student'), _wants(task, 'teacher')
   train_student = 'student_body' in pre.trains
 
   def pretrain_step(state: TrainState, teacher_vars, batch: Batch):
     images = cast_floats(batch['image'], task.param_dtype)
     rng = jax.random.fold_in(state.rng, state.step)
-    t_logits, t_feats, t_extra = jax.lax.stop_gradient(
-        _forward(task.teacher, teacher_vars, teacher_images(task, images), False, t_wants))
+    teacher = _teacher_forward(task, teacher_vars, images)
 
     def loss_fn(params):
-      student_vars = variables_of('student', params, state.batch_stats)
-      with layers.batch_norm_groups(task.bn_group_size):
-        (logits, s_feats, s_extra), s_updates = _forward(
-            task.student, student_vars, images, train_student, s_wants, mutable=['batch_stats'],
-            rngs={'dropout': rng})
-        inputs = distiller_inputs(task, student_logits=logits, teacher_logits=t_logits,
-                                  student_extra=s_extra, teacher_extra=t_extra,
-                                  batch=batch, step=state.step, rng=jax.random.fold_in(rng, 1))
-        (loss, _), d_updates = task.distiller.apply(
-            variables_of('distiller', params, state.batch_stats),
-            s_feats, t_feats, train=True, mutable=['batch_stats'], method=pre.method, **inputs)
-      stats = {'student': s_updates['batch_stats'] if train_student else state.batch_stats['student'],
-               'distiller': d_updates.get('batch_stats', {})}
+      logits, (loss, _), stats = _student_and_distiller(
+          task, params, state.batch_stats, teacher, images, batch, state.step, rng,
+          student_train=train_student, method=pre.method)
       return loss, (stats, logits)
 
     (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -264,9 +286,8 @@ def make_pretrain_step(task: Task) -> Callable[[TrainState, Any, Batch], Tuple[T
     updates, pre_opt_state = pre.tx.update(grads, state.opt_state[0], state.params)
     updates = jax.tree.map(lambda u, m: u if m else jnp.zeros_like(u), updates, mask)
     params = optax.apply_updates(state.params, updates)
-    metrics = {'pretrain': loss, 'loss': loss, 'grad_norm': optax.tree.norm(grads),
-               'top1': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-               'learning_rate': jnp.asarray(pre.learning_rate, jnp.float32)}
+    metrics = _step_metrics({'pretrain': loss}, loss, grads, logits, batch['label'],
+                            jnp.asarray(pre.learning_rate, jnp.float32))
     return state.replace(step=state.step + 1, params=params, batch_stats=stats,
                          opt_state=(pre_opt_state, state.opt_state[1])), metrics
 
@@ -291,20 +312,20 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
   return eval_step
 
 
-def jit_train_step(task: Task, mesh: Mesh):
-  """The train step compiled for `mesh`: batch split on `data`, state replicated and donated.
-
-  Teacher variables are replicated and never donated."""
+def jit_step(make: Callable[[Task], Step], task: Task, mesh: Mesh):
+  """`make(task)`'s step compiled for `mesh`: batch split on `data`, state replicated and
+  donated. Teacher variables are replicated and never donated."""
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(make_train_step(task), in_shardings=(rep, rep, data),
-                 out_shardings=(rep, rep), donate_argnums=(0,))
+  return jax.jit(make(task), in_shardings=(rep, rep, data), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
+
+
+def jit_train_step(task: Task, mesh: Mesh):
+  return jit_step(make_train_step, task, mesh)
 
 
 def jit_pretrain_step(task: Task, mesh: Mesh):
-  """The pre-training stage's step, compiled as `jit_train_step` is."""
-  rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(make_pretrain_step(task), in_shardings=(rep, rep, data),
-                 out_shardings=(rep, rep), donate_argnums=(0,))
+  return jit_step(make_pretrain_step, task, mesh)
 
 
 def jit_eval_step(model: nn.Module, mesh: Mesh):
