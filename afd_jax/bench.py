@@ -5,9 +5,10 @@
 
 Prints compile time, median step time, images/s, XLA's FLOPs per step and achieved TFLOP/s,
 the collectives of the compiled step (count and payload bytes of all-reduce, all-gather,
-reduce-scatter, ... from its optimised HLO; `afd_jax.collectives`), and peak device memory
-where the backend reports it. `--devices N` runs on N fake CPU devices (to see the
-communication of an N-device step on one machine); by default, all devices of the backend.
+reduce-scatter, ... from its optimised HLO; `afd_jax.collectives`), the operations it launches
+(`hlo ops`: `collectives.top_level_ops`, a measure of a launch-bound accelerator's cost), and
+peak device memory where the backend reports it. `--devices N` runs on N fake CPU devices (to
+see the communication of an N-device step on one machine); by default, all devices of the backend.
 `--method all` (the default) times ce, kd and afd in one process, interleaving them in rounds so
 that machine noise hits all alike, and prints the ratios afd/kd and kd/ce; `--method kd,crd,...`
 times any registered methods the same way. Needs only jax, flax, optax and numpy (no TensorFlow).
@@ -103,6 +104,7 @@ class Case:
     self.compile_seconds = time.perf_counter() - start
     self.flops = flops_of(self.compiled)
     self.collectives = collectives.summary(self.compiled)
+    self.hlo_ops = collectives.launch_count(self.compiled)
     self.times: List[float] = []
 
   def first_step_metrics(self):
@@ -158,10 +160,11 @@ def summarize(case: Case, batch: int) -> Dict[str, float]:
   return {'method': case.method, 'compile_s': case.compile_seconds, 'median_step_ms': 1e3 * median,
           'images_per_s': batch / median, 'gflops_per_step': case.flops / 1e9,
           'tflops_per_s': case.flops / median / 1e12, 'steps_timed': len(case.times),
-          'collectives': {k: v for k, v in case.collectives.items() if v['count'] or k == 'total'}}
+          'collectives': {k: v for k, v in case.collectives.items() if v['count'] or k == 'total'},
+          'hlo_ops': case.hlo_ops}
 
 
-def main(argv=None) -> int:
+def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   model_help = f'a zoo model ({", ".join(models.names())}) or package.module:factory'
   parser.add_argument('--teacher', default='wrn40x2', help=model_help)
@@ -194,6 +197,12 @@ def main(argv=None) -> int:
   parser.add_argument('--json', action='store_true', help='print one JSON object')
   parser.add_argument('--compare-dtypes', action='store_true',
                       help='also report the first step\'s loss terms in bfloat16 vs float32')
+  return parser
+
+
+def parse_args(argv):
+  """The arguments, the methods to time and the mesh; bad input ends in `parser.error`."""
+  parser = make_parser()
   args = parser.parse_args(argv)
   for side in ('teacher', 'student'):
     try:
@@ -224,10 +233,19 @@ def main(argv=None) -> int:
                           (args.image_size, args.image_size, args.channels))
   except (ValueError, TypeError) as e:
     parser.error(str(e))
+  return args, methods, mesh
+
+
+def build_cases(args, methods, mesh):
+  """Each method's compiled step; with --vs-global-bn, also each with the global batch norm."""
   cases = [Case(m, args, mesh) for m in methods]
   global_args = argparse.Namespace(**{**vars(args), 'bn_group_size': 0})
   global_cases = [Case(m, global_args, mesh) for m in methods] if args.vs_global_bn else []
-  timed = cases + global_cases
+  return cases, global_cases
+
+
+def time_cases(timed: List[Case], args) -> None:
+  """Warm-up steps, then `args.steps` timed steps per case, interleaved in rounds."""
   for case in timed:
     case.run(args.warmup, record=False)
   rounds = max(1, args.rounds if len(timed) > 1 else 1)
@@ -235,15 +253,21 @@ def main(argv=None) -> int:
   for n in per_round:
     for case in timed:
       case.run(n, record=True)
-  results = [summarize(c, args.batch) for c in cases]
-  if args.compare_dtypes:
-    other = 'bfloat16' if args.dtype == 'float32' else 'float32'
-    for case, result in zip(cases, results):
-      twin = Case(case.method, argparse.Namespace(**{**vars(args), 'dtype': other}), mesh)
-      a, b = case.first_step_metrics(), twin.first_step_metrics()
-      result[f'first_step_vs_{other}'] = {
-          k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12)
-          for k in ('loss', 'ce', 'kd') + distill.registry.registered() if k in a}
+
+
+def add_dtype_differences(cases: List[Case], results, args, mesh) -> None:
+  """--compare-dtypes: each result's relative differences of the first step's loss terms."""
+  other = 'bfloat16' if args.dtype == 'float32' else 'float32'
+  for case, result in zip(cases, results):
+    twin = Case(case.method, argparse.Namespace(**{**vars(args), 'dtype': other}), mesh)
+    a, b = case.first_step_metrics(), twin.first_step_metrics()
+    result[f'first_step_vs_{other}'] = {
+        k: abs(a[k] - b[k]) / max(abs(b[k]), 1e-12)
+        for k in ('loss', 'ce', 'kd') + distill.registry.registered() if k in a}
+
+
+def make_report(args, results, global_cases: List[Case]) -> Dict[str, object]:
+  """The run's settings, each method's results, and the ratios of their step times."""
   report = {'device': f'{jax.devices()[0].device_kind} x {jax.device_count()}',
             'backend': jax.default_backend(), 'teacher': args.teacher, 'student': args.student,
             'batch': args.batch, 'dtype': args.dtype, 'image_size': args.image_size,
@@ -261,20 +285,23 @@ def main(argv=None) -> int:
       report[f'{m}_over_kd'] = by[m] / by['kd']
   if 'kd' in by and 'ce' in by:
     report['kd_over_ce'] = by['kd'] / by['ce']
-  if args.json:
-    print(json.dumps(report))
-    return 0
+  return report
+
+
+def print_report(report, args) -> None:
+  """The report as a table, its ratios and comparisons."""
+  results = report['results']
   groups = f'BN groups of {args.bn_group_size}' if args.bn_group_size else 'global BN'
   print(f'{report["device"]} ({report["backend"]}), {args.teacher} -> {args.student}, batch '
         f'{args.batch}, {args.dtype} (teacher {report["teacher_dtype"]}), '
         f'{args.image_size}x{args.image_size}, {groups}')
   print(f'{"method":8s} {"compile s":>9s} {"step ms":>9s} {"img/s":>9s} {"GFLOP/step":>11s} '
-        f'{"TFLOP/s":>8s} {"collectives":>11s} {"MB":>7s}')
+        f'{"TFLOP/s":>8s} {"collectives":>11s} {"MB":>7s} {"hlo ops":>8s}')
   for r in results:
     total = r['collectives']['total']
     print(f'{r["method"]:8s} {r["compile_s"]:9.1f} {r["median_step_ms"]:9.1f} '
           f'{r["images_per_s"]:9.0f} {r["gflops_per_step"]:11.2f} {r["tflops_per_s"]:8.3f} '
-          f'{total["count"]:11d} {total["bytes"] / 1e6:7.2f}')
+          f'{total["count"]:11d} {total["bytes"] / 1e6:7.2f} {r["hlo_ops"]:8d}')
   if report['peak_memory_bytes']:
     print(f'peak device memory: {report["peak_memory_bytes"] / 2**30:.2f} GiB')
   for key in [f'{m}_over_kd' for m in distill.registry.registered()] + ['kd_over_ce']:
@@ -291,6 +318,20 @@ def main(argv=None) -> int:
         print(f'{r["method"]}: relative difference of the first step\'s loss terms, {args.dtype} '
               f'vs {key[len("first_step_vs_"):]}: '
               + ', '.join(f'{k} {v:.2e}' for k, v in diffs.items()))
+
+
+def main(argv=None) -> int:
+  args, methods, mesh = parse_args(argv)
+  cases, global_cases = build_cases(args, methods, mesh)
+  time_cases(cases + global_cases, args)
+  results = [summarize(c, args.batch) for c in cases]
+  if args.compare_dtypes:
+    add_dtype_differences(cases, results, args, mesh)
+  report = make_report(args, results, global_cases)
+  if args.json:
+    print(json.dumps(report))
+  else:
+    print_report(report, args)
   return 0
 
 

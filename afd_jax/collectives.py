@@ -7,9 +7,12 @@
 scatters, from its result shape; the larger array for gathers and scatters), summed; what a
 ring algorithm sends on the wire is about 2 (n - 1) / n times that for an all-reduce over n
 devices. Asynchronous pairs (`all-reduce-start` / `-done`) count once.
+
+`top_level_ops(hlo_text)` counts the operations a program launches (`launch_count` of a
+`jax.stages.Compiled`): a figure for launch-bound accelerators.
 """
 import re
-from typing import Dict
+from typing import Dict, List
 
 KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 
@@ -54,3 +57,53 @@ def summary_of_text(hlo_text: str) -> Dict[str, Dict[str, int]]:
 def summary(compiled) -> Dict[str, Dict[str, int]]:
   """`summary_of_text` of a `jax.stages.Compiled` (every module of it)."""
   return summary_of_text(compiled.as_text())
+
+
+# Instructions that launch nothing: they name, group, pick out or reinterpret arrays.
+NOT_LAUNCHED = frozenset({'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast'})
+# A computation's first line, at column 0: `[ENTRY ]%name (params) -> shape {`.
+_COMPUTATION = re.compile(r'^(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*\{\s*$')
+# An instruction: `[ROOT ]%name = SHAPE opcode(...)`; the opcode is the first lower-case word
+# after a space and before `(` (a shape's layout, `{1,0:T(8,128)}`, has none).
+_OPCODE = re.compile(r'^\s+(?:ROOT\s+)?%?[\w.\-]+\s*=\s*\S.*?\s(?P<op>[a-z][a-z0-9\-]*)\(')
+_WHILE_BODY = re.compile(r'\bbody=%?(?P<body>[\w.\-]+)')
+
+
+def _computations(module_text: str):
+  """{name: [(opcode, line), ...]} of one HLO module, and the name of its ENTRY computation."""
+  bodies: Dict[str, List] = {}
+  entry, current = None, None
+  for line in module_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header and not line.startswith('HloModule'):
+      current = bodies.setdefault(header.group('name'), [])
+      entry = header.group('name') if header.group('entry') else entry
+      continue
+    instruction = _OPCODE.match(line) if current is not None else None
+    if instruction:
+      current.append((instruction.group('op'), line))
+  return bodies, entry
+
+
+def top_level_ops(hlo_text: str) -> int:
+  """The operations of the ENTRY computation and of the bodies of the while loops it calls
+  (recursively, each body once per loop that calls it), not counting parameter, constant,
+  tuple, get-tuple-element and bitcast instructions, summed over the text's modules.
+
+  A fusion counts once (its fused computation's instructions do not), as does a call, a
+  custom call or a while loop itself; a loop's condition does not count."""
+  total = 0
+  for module_text in re.split(r'^(?=HloModule\b)', hlo_text, flags=re.MULTILINE):
+    bodies, entry = _computations(module_text)
+    pending = [entry] if entry is not None else []
+    while pending:
+      for op, line in bodies.get(pending.pop(), ()):
+        total += op not in NOT_LAUNCHED
+        if op == 'while':
+          pending.extend(m.group('body') for m in _WHILE_BODY.finditer(line))
+  return total
+
+
+def launch_count(compiled) -> int:
+  """`top_level_ops` of a `jax.stages.Compiled`."""
+  return top_level_ops(compiled.as_text())

@@ -1,13 +1,14 @@
 """The benchmark runs where only jax, flax, optax and numpy are installed (TensorFlow, TFDS,
 ml_collections, clu, orbax and torch are made unimportable): its default methods (ce, kd,
-afd), its table, the collectives of global and grouped batch norm, and its refusal of bad
-arguments."""
+afd), its table, the collectives of global and grouped batch norm, the operations a step
+launches (`collectives.top_level_ops`), and its refusal of bad arguments."""
 import json
 import subprocess
 import sys
 
 import pytest
 
+from afd_jax import collectives
 from tests import runs
 
 BLOCKED = ('tensorflow', 'tensorflow_datasets', 'ml_collections', 'clu', 'orbax', 'torch')
@@ -36,6 +37,8 @@ def test_bench_runs_its_default_methods_without_tensorflow_or_ml_collections():
     assert r['steps_timed'] == 4 and r['median_step_ms'] > 0 and r['compile_s'] > 0
     assert r['images_per_s'] > 0 and r['gflops_per_step'] > 0
   assert report['afd_over_kd'] > 0 and report['kd_over_ce'] > 0
+  ce, kd, afd = (r['hlo_ops'] for r in report['results'])
+  assert afd > kd > ce > 0  # KD adds the teacher's forward, AFD its attention module
   assert report['batch'] == 8 and report['dtype'] == 'float32'
 
 
@@ -49,9 +52,11 @@ def test_bench_prints_a_table_and_counts_the_collectives_of_global_and_grouped_b
   lines = bench(*common, '--method', 'kd,at', '--dtype', 'bfloat16').stdout.splitlines()
   assert 'x 4 (cpu)' in lines[0] and 'bfloat16' in lines[0] and 'global BN' in lines[0]
   assert lines[1].split() == ['method', 'compile', 's', 'step', 'ms', 'img/s', 'GFLOP/step',
-                              'TFLOP/s', 'collectives', 'MB']
+                              'TFLOP/s', 'collectives', 'MB', 'hlo', 'ops']
   kd_row = next(l.split() for l in lines if l.startswith('kd '))
+  at_row = next(l.split() for l in lines if l.startswith('at '))
   assert int(kd_row[6]) >= 18  # resnet8's 9 batch norms, forward and backward
+  assert int(at_row[8]) > int(kd_row[8]) > 0  # AT's attention maps and loss on top of KD
   assert any(l.startswith('at/kd: ') for l in lines)
   result = bench(*common, '--bn-group-size', '2', '--vs-global-bn', '--method', 'kd', '--json')
   report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -72,3 +77,81 @@ def test_bench_rejects_bad_arguments():
                           capture_output=True, text=True, timeout=120, env=runs.env(),
                           cwd=runs.REPO)
   assert result.returncode == 2 and "unknown method(s) ['crdd']" in result.stderr
+
+
+# A module with a fused computation called twice, a while loop in ENTRY whose body runs a while
+# loop of its own, and a custom call; a TPU layout (with parentheses) on one shape.
+HAND_WRITTEN_HLO = """\
+HloModule jit_step, is_scheduled=true, entry_computation_layout={(f32[8]{0}, s32[])->f32[8]{0}}
+
+%fused_add (param_0: f32[8], param_1: f32[8]) -> f32[8] {
+  %param_0 = f32[8]{0} parameter(0)
+  %param_1 = f32[8]{0} parameter(1)
+  %add.0 = f32[8]{0} add(f32[8]{0} %param_0, f32[8]{0} %param_1)
+  %multiply.0 = f32[8]{0} multiply(f32[8]{0} %add.0, f32[8]{0} %add.0)
+  ROOT %exponential.0 = f32[8]{0} exponential(f32[8]{0} %multiply.0)
+}
+
+%inner_body (p.1: (f32[8], s32[])) -> (f32[8], s32[]) {
+  %p.1 = (f32[8]{0}, s32[]) parameter(0)
+  %x.1 = f32[8]{0} get-tuple-element((f32[8]{0}, s32[]) %p.1), index=0
+  %i.1 = s32[] get-tuple-element((f32[8]{0}, s32[]) %p.1), index=1
+  %one.1 = s32[] constant(1)
+  %next.1 = s32[] add(s32[] %i.1, s32[] %one.1)
+  %sine.1 = f32[8]{0} sine(f32[8]{0} %x.1)
+  ROOT %tuple.1 = (f32[8]{0}, s32[]) tuple(f32[8]{0} %sine.1, s32[] %next.1)
+}
+
+%cond (p.2: (f32[8], s32[])) -> pred[] {
+  %p.2 = (f32[8]{0}, s32[]) parameter(0)
+  %i.2 = s32[] get-tuple-element((f32[8]{0}, s32[]) %p.2), index=1
+  %limit.2 = s32[] constant(3)
+  ROOT %compare.2 = pred[] compare(s32[] %i.2, s32[] %limit.2), direction=LT
+}
+
+%outer_body (p.3: (f32[8], s32[])) -> (f32[8], s32[]) {
+  %p.3 = (f32[8]{0}, s32[]) parameter(0)
+  %while.3 = (f32[8]{0}, s32[]) while((f32[8]{0}, s32[]) %p.3), condition=%cond, body=%inner_body
+  %x.3 = f32[8]{0} get-tuple-element((f32[8]{0}, s32[]) %while.3), index=0
+  %i.3 = s32[] get-tuple-element((f32[8]{0}, s32[]) %while.3), index=1
+  %fusion.3 = f32[8]{0} fusion(f32[8]{0} %x.3, f32[8]{0} %x.3), kind=kLoop, calls=%fused_add
+  %one.3 = s32[] constant(1)
+  %next.3 = s32[] add(s32[] %i.3, s32[] %one.3)
+  ROOT %tuple.3 = (f32[8]{0}, s32[]) tuple(f32[8]{0} %fusion.3, s32[] %next.3)
+}
+
+%outer_cond (p.4: (f32[8], s32[])) -> pred[] {
+  %p.4 = (f32[8]{0}, s32[]) parameter(0)
+  %i.4 = s32[] get-tuple-element((f32[8]{0}, s32[]) %p.4), index=1
+  %limit.4 = s32[] constant(5)
+  %negate.4 = s32[] negate(s32[] %limit.4)
+  ROOT %compare.4 = pred[] compare(s32[] %i.4, s32[] %negate.4), direction=GT
+}
+
+ENTRY %main (a: f32[8], n: s32[]) -> (f32[8], s32[]) {
+  %a = f32[8]{0} parameter(0)
+  %n = s32[] parameter(1)
+  %c = f32[8]{0} constant({1, 2, 3, 4, 5, 6, 7, 8})
+  %b = f32[2,4]{1,0} bitcast(f32[8]{0} %a)
+  %copy = f32[2,4]{0,1:T(2,128)} copy(f32[2,4]{1,0} %b)
+  %fusion = f32[8]{0} fusion(f32[8]{0} %a, f32[8]{0} %c), kind=kLoop, calls=%fused_add
+  %t = (f32[8]{0}, s32[]) tuple(f32[8]{0} %fusion, s32[] %n)
+  %while = (f32[8]{0}, s32[]) while((f32[8]{0}, s32[]) %t), condition=%outer_cond, body=%outer_body
+  %r = f32[8]{0} get-tuple-element((f32[8]{0}, s32[]) %while), index=0
+  %cc = f32[8]{0} custom-call(f32[8]{0} %r, f32[2,4]{0,1:T(2,128)} %copy), custom_call_target=f
+  ROOT %out = (f32[8]{0}, s32[]) tuple(f32[8]{0} %cc, s32[] %n)
+}
+"""
+
+
+def test_top_level_ops_counts_entry_and_while_bodies_but_not_fused_ops_or_bookkeeping():
+  """ENTRY: copy, fusion, while, custom-call (4; its parameters, constant, bitcast, tuples and
+  get-tuple-element do not count). The outer loop's body: while, fusion, add (3); the inner
+  loop's body: add, sine (2). The fused computation's add, multiply and exponential and the
+  loop conditions' compare and negate are not top-level."""
+  assert collectives.top_level_ops(HAND_WRITTEN_HLO) == 4 + 3 + 2
+  # Two modules in one text count apart (computation names are per module).
+  assert collectives.top_level_ops(HAND_WRITTEN_HLO + '\n' + HAND_WRITTEN_HLO) == 2 * 9
+  # Without the ENTRY's loop, neither body counts.
+  no_loop = HAND_WRITTEN_HLO.replace('while((f32[8]{0}, s32[]) %t)', 'copy((f32[8]{0}, s32[]) %t)')
+  assert collectives.top_level_ops(no_loop) == 4
