@@ -5,28 +5,25 @@ training, or a student from scratch) or distils a frozen teacher into a student.
 """
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
-import signal
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
-from afd_jax import checkpoint, data, distill, metrics, models, optim, sharding, step, workdir_lock
+from afd_jax import checkpoint, data, distill, metrics, run_guard, sharding, step
 from afd_jax import task as task_lib
 from afd_jax import weights
 from afd_jax.errors import UserError, warn
-from afd_jax.mixing import Mixing
 from afd_jax.state import student_variables
 
 DTYPES = task_lib.DTYPES
-TEACHER_DTYPES = ('float32', 'bfloat16')  # float64 is the whole step's (dtype) or nothing
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped early, a checkpoint was saved; rerun to resume.
 
 
@@ -47,141 +44,13 @@ def params_sha256(tree) -> str:
   return digest.hexdigest()
 
 
-def validate(config) -> None:
-  """Checks the settings that need no data or devices; one clear message on the first problem."""
-  if config.method != 'none':
-    try:
-      distill.registry.get(config.method)
-    except ValueError as e:
-      raise UserError(str(e)) from None
-    if 'index' in distill.registry.get(config.method).inputs and config.dataset.shuffle_buffer:
-      raise UserError(f"method {config.method!r} needs each example's index in the training "
-                      f'split, which a streamed pipeline (dataset.shuffle_buffer='
-                      f'{config.dataset.shuffle_buffer}) does not know; set '
-                      'dataset.shuffle_buffer=0 to hold the split in memory.')
-  distil = task_lib.is_distillation(config)
-  names = [config.student.name] + ([config.teacher.name] if distil else [])
-  for name in names:
-    try:
-      models.check_name(name)
-    except ValueError as e:
-      raise UserError(str(e)) from None
-  optim.check(config.optimizer)
-  problems = Mixing.from_config(config).problems()
-  if problems:
-    raise UserError(problems[0])
-  if not 0 <= config.ema_decay < 1:
-    raise UserError(f'ema_decay must be in [0, 1) (0 = off), got {config.ema_decay}.')
-  if config.student.drop_path_rate and not 0 <= config.student.drop_path_rate < 1:
-    raise UserError(f'student.drop_path_rate must be in [0, 1), got '
-                    f'{config.student.drop_path_rate}.')
-  if config.dtype not in DTYPES:
-    raise UserError(f'dtype must be one of {", ".join(DTYPES)}, got {config.dtype!r}.')
-  if config.teacher.dtype and config.teacher.dtype not in TEACHER_DTYPES:
-    raise UserError(f'teacher.dtype must be empty (= dtype) or one of '
-                    f'{", ".join(TEACHER_DTYPES)}, got {config.teacher.dtype!r}.')
-  if config.dtype == 'float64' and config.teacher.dtype:
-    raise UserError('dtype float64 runs the whole step, teacher included, in float64: leave '
-                    f'teacher.dtype empty (got {config.teacher.dtype!r}).')
-  if config.bn_group_size < 0 or (config.bn_group_size and
-                                  config.batch_size % config.bn_group_size):
-    raise UserError(f'bn_group_size={config.bn_group_size} must be 0 (the global batch) or a '
-                    f'positive divisor of batch_size={config.batch_size}.')
-  for key in ('batch_size', 'eval_batch_size'):
-    if config[key] < 1:
-      raise UserError(f'{key} must be positive, got {config[key]}.')
-  if config.num_epochs <= 0 and config.num_train_steps <= 0:
-    raise UserError('set num_epochs (or num_train_steps) to a positive number.')
-  for key, path in (('student.init_checkpoint', config.student.init_checkpoint),
-                    ('teacher.checkpoint', config.teacher.checkpoint if distil else '')):
-    if path and path != 'random' and not epath.Path(path).exists():
-      raise UserError(f'{key} {path} does not exist.')
-
-
-class PreemptionWatch:
-  """Did this job get a preemption notice (SIGTERM)? Multi-host: all processes agree on the
-  step through JAX's preemption sync point; single process: our own SIGTERM handler."""
-
-  def __init__(self):
-    self._flag = False
-    self._multi = jax.process_count() > 1
-    self._previous = None
-    if not self._multi:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self._flag = True
-
-  def reached(self, step_id: int) -> bool:
-    if self._multi:
-      return multihost_utils.reached_preemption_sync_point(step_id)
-    return self._flag
-
-  def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-def evaluate(eval_step, variables, config, info, mesh) -> Dict[str, float]:
-  """Top-1/top-5 (%) and loss over every eval example exactly once."""
-  totals = None
-  for batch in data.eval_iterator(config, info, process_index=jax.process_index(),
-                                  process_count=jax.process_count()):
-    sums = eval_step(variables, sharding.global_batch(batch, mesh))
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
-  return {'top1': 100 * float(totals['correct1']) / count,
-          'top5': 100 * float(totals['correct5']) / count,
-          'loss': float(totals['loss_sum']) / count, 'count': int(totals['count'])}
-
-
-def evaluate_student(eval_step, state, config, info, mesh) -> Dict[str, float]:
-  """`evaluate` of the student; where the run keeps a moving average of it, also of that
-  (`ema_top1`, `ema_top5`, `ema_loss`)."""
-  out = evaluate(eval_step, student_variables(state), config, info, mesh)
-  if state.ema:
-    ema = evaluate(eval_step, state.ema, config, info, mesh)
-    out.update({f'ema_{k}': v for k, v in ema.items() if k != 'count'})
-  return out
-
-
-def lock_workdir(workdir: str) -> Optional[workdir_lock.WorkdirLock]:
-  """Creates `workdir` if needed and takes its lock (process 0, for the whole job); every process
-  raises UserError if the workdir is a file, cannot be written, or another run holds it."""
-  lock, problem = None, ''
-  if jax.process_index() == 0:
-    path = epath.Path(workdir)
-    try:
-      if path.exists() and not path.is_dir():
-        raise UserError(f'--workdir {workdir} is a file, not a folder.')
-      try:
-        path.mkdir(parents=True, exist_ok=True)
-        lock = workdir_lock.WorkdirLock(workdir).acquire()
-      except OSError as e:
-        raise UserError(f'--workdir {workdir} cannot be written '
-                        f'({e.strerror or type(e).__name__}).') from None
-    except UserError as e:
-      problem = str(e)
-    if lock is not None and lock.took_over:
-      print(f'WARNING: took over the lock of a run that is gone in {workdir} '
-            f'(pid {lock.took_over.get("pid")} on {lock.took_over.get("host")}).', flush=True)
-  if jax.process_count() > 1:
-    refused = multihost_utils.broadcast_one_to_all(np.int32(bool(problem)))
-    if int(refused) and not problem:
-      problem = f'process 0 could not take the lock of {workdir} (see its log).'
-  if problem:
-    raise UserError(problem)
-  return lock
-
-
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Trains and evaluates; returns (and writes to `workdir/summary.json`) the summary.
   One run per workdir: a second one refuses while this one holds `workdir/LOCK`."""
   start_time = time.time()
-  validate(config)
+  run_guard.validate(config)
   sharding.maybe_initialize_distributed()
-  lock = lock_workdir(workdir)
+  lock = run_guard.lock_workdir(workdir)
   try:
     with float64_mode(config):
       return _train_and_evaluate(config, workdir, start_time)
@@ -209,6 +78,54 @@ def float64_mode(config):
 
 
 def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, Any]:
+  setup = _prepare(config, workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # processes > 0 (process 0 made it)
+  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints, config.keep_best)
+  writer = watch = None
+  try:
+    writer = metrics.Writer(workdir)
+    state, earlier_train_time = _restore_or_init(setup, ckpts, writer)
+    checkpoint.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+    loop = _StepLoop(setup, ckpts, writer, earlier_train_time)
+    writer.console(_describe(setup))
+    teacher_eval = _evaluate_teacher(setup, writer, int(state.step))
+    watch = run_guard.PreemptionWatch()
+    state, status = loop.run(state, watch)
+  finally:
+    # Each is closed even where another raises, in reverse order: the SIGTERM handler last, so
+    # that it still guards the final saves.
+    with contextlib.ExitStack() as closing:
+      if watch is not None:
+        closing.callback(watch.close)
+      if writer is not None:
+        closing.callback(writer.close)  # the event file complete, however the run ends
+      closing.callback(ckpts.close)
+  return _summary(setup, state, status, loop, teacher_eval, start_time, writer)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """What a run is, known before anything is written."""
+  config: Any
+  workdir: str
+  mesh: jax.sharding.Mesh
+  info: data.DatasetInfo
+  task: task_lib.Task
+  steps_per_epoch: int
+  total_steps: int          # the method's own stage included
+  fingerprint: Dict[str, Any]
+  own_checkpoints: bool     # the workdir has checkpoints of this run: resume from them
+  teacher_vars: Any         # None unless distilling
+  eval_batches: 'EvalBatches'
+
+  @property
+  def distil(self) -> bool:
+    return self.teacher_vars is not None
+
+
+def _prepare(config, workdir: str) -> _Setup:
+  """The mesh, the data, the Task and the teacher's weights. Everything that can refuse does so
+  here, before anything is written or compiled."""
   mesh = sharding.make_mesh(config.mesh_shape)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
@@ -225,171 +142,250 @@ def _train_and_evaluate(config, workdir: str, start_time: float) -> Dict[str, An
   task = make_task(config, info, steps_per_epoch)
   if config.debug_nan_at_step > 0:
     task = dataclasses.replace(task, nan_at_step=config.debug_nan_at_step)
-  student, teacher = task.student, task.teacher
   total_steps += task.pretrain_steps  # the method's own stage comes first
+  fingerprint = checkpoint.fingerprint(config, info.num_classes, distil)
+  own = _check_resumable(config, workdir, fingerprint)
+  teacher_vars = None
+  if distil:
+    teacher_vars = jax.device_put(task_lib.cast_floats(
+        weights.load_teacher(config, task.teacher, info.num_classes, info.image_shape),
+        task.param_dtype), sharding.replicated(mesh))
+  return _Setup(config, workdir, mesh, info, task, steps_per_epoch, total_steps, fingerprint,
+                own, teacher_vars, EvalBatches(config, info))
 
-  # Everything that can refuse does so before anything is written or compiled.
-  expected = checkpoint.fingerprint(config, info.num_classes, distil)
+
+def _check_resumable(config, workdir: str, fingerprint: Dict[str, Any]) -> bool:
+  """Refuses the checkpoints to resume from (the workdir's own, else `resume_from`'s) where
+  they belong to another run; returns whether the workdir has its own."""
   own = checkpoint.has_checkpoints(workdir)
   if own:
     checkpoint.check_compatible(checkpoint.Checkpoints(workdir, create=False).latest_meta(),
-                                expected, workdir)
+                                fingerprint, workdir)
   elif config.resume_from:
     if not checkpoint.has_checkpoints(config.resume_from):
       raise UserError(f'resume_from={config.resume_from} has no checkpoints.')
     checkpoint.check_compatible(
-        checkpoint.Checkpoints(config.resume_from, create=False).latest_meta(), expected,
+        checkpoint.Checkpoints(config.resume_from, create=False).latest_meta(), fingerprint,
         config.resume_from)
-  rep = sharding.replicated(mesh)
-  teacher_vars = None
-  if distil:
-    teacher_vars = jax.device_put(task_lib.cast_floats(
-        weights.load_teacher(config, teacher, info.num_classes, info.image_shape),
-        task.param_dtype), rep)
+  return own
 
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # processes > 0 (process 0 made it)
-  ckpts = checkpoint.Checkpoints(workdir, config.keep_checkpoints, config.keep_best)
-  writer = watch = train_iter = None
-  try:
-    writer = metrics.Writer(workdir)
-    init_fn = step.jit_init_state(task, mesh, info.image_shape,
-                                  jax.eval_shape(lambda: teacher_vars) if distil else None)
-    rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                            jax.eval_shape(init_fn, rng))
-    restored = ckpts.restore_latest(abstract) if own else None
-    source = f'{workdir} (own checkpoint)'
-    if restored is None and config.resume_from:
-      restored = checkpoint.Checkpoints(config.resume_from, create=False).restore_latest(abstract)
-      source = f'{config.resume_from} (resume_from)'
-    earlier_train_time = 0.0  # the training time of the runs that led to the restored state
-    if restored is not None:
-      state, restored_meta = restored
-      earlier_train_time = float(restored_meta.get('train_time_sec', 0.0))
-      writer.console(f'resumed from {source} at step {int(state.step)}')
-    else:
-      state = init_fn(rng)
-      if config.student.init_checkpoint:
-        initial = weights.load_model_variables(
-            config.student.init_checkpoint, config.student.name, student, info.num_classes,
-            info.image_shape, 'student.init_checkpoint', new_head_ok=True)
-        initial = task_lib.cast_floats(initial, task.param_dtype)
-        state = state.replace(
-            params={**state.params, 'student': jax.device_put(initial['params'], rep)},
-            batch_stats={**state.batch_stats,
-                         'student': jax.device_put(initial['batch_stats'], rep)})
-        if state.ema:  # the average starts from the loaded weights
-          state = state.replace(ema=student_variables(state))
-        writer.console(f'student initialised from {config.student.init_checkpoint}')
-    start_step = int(state.step)
-    checkpoint.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
-    train_step = step.jit_train_step(task, mesh)
-    pretrain_step = step.jit_pretrain_step(task, mesh) if task.pretrain is not None else None
-    eval_student = step.jit_eval_step(student, mesh)
-    pair = f' <- {config.teacher.name} ({config.method}, kd {config.loss.kd_weight})'
-    writer.console(
-        f'{config.name}: {config.student.name}' + (pair if distil else '')
-        + f' on {info.name} ({info.num_train} train / {info.num_eval} eval, {info.num_classes} '
-        f'classes), {jax.device_count()} devices x {jax.process_count()} processes, '
-        f'{steps_per_epoch} steps/epoch, {total_steps} steps')
-    if distil:
-      teacher_eval = evaluate(step.jit_eval_step(teacher, mesh), teacher_vars, config, info, mesh)
-      writer.console(f'teacher {config.teacher.name}: top1 {teacher_eval["top1"]:.2f} '
-                     f'top5 {teacher_eval["top5"]:.2f}')
-      writer.scalars(start_step, {'teacher/top1': teacher_eval['top1']})
-    else:
-      teacher_eval = None
+def _restore_or_init(s: _Setup, ckpts: checkpoint.Checkpoints,
+                     writer: metrics.Writer) -> Tuple[Any, float]:
+  """The state to start from: the workdir's latest checkpoint, else `resume_from`'s, else a new
+  one (its student from `student.init_checkpoint` where set); and the training time of the
+  runs that led to a restored state (0 for a new one)."""
+  config, rep = s.config, sharding.replicated(s.mesh)
+  init_fn = step.jit_init_state(s.task, s.mesh, s.info.image_shape,
+                                jax.eval_shape(lambda: s.teacher_vars) if s.distil else None)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                          jax.eval_shape(init_fn, rng))
+  restored = ckpts.restore_latest(abstract) if s.own_checkpoints else None
+  source = f'{s.workdir} (own checkpoint)'
+  if restored is None and config.resume_from:
+    restored = checkpoint.Checkpoints(config.resume_from, create=False).restore_latest(abstract)
+    source = f'{config.resume_from} (resume_from)'
+  if restored is not None:
+    state, restored_meta = restored
+    writer.console(f'resumed from {source} at step {int(state.step)}')
+    return state, float(restored_meta.get('train_time_sec', 0.0))
+  state = init_fn(rng)
+  if config.student.init_checkpoint:
+    state = _with_initial_student(s, state)
+    writer.console(f'student initialised from {config.student.init_checkpoint}')
+  return state, 0.0
 
-    train_time = lambda: earlier_train_time + time.time() - progress.start_time
-    meta = lambda s, extra=None: {'fingerprint': expected, 'step': s, 'config_name': config.name,
-                                  'train_time_sec': train_time(), **(extra or {})}
-    train_iter = data.train_iterator(config, info, start_step=start_step,
+
+def _with_initial_student(s: _Setup, state):
+  """`state` with the student's parameters and statistics from `student.init_checkpoint`; a
+  moving average of the student starts from them too."""
+  config, rep = s.config, sharding.replicated(s.mesh)
+  initial = weights.load_model_variables(
+      config.student.init_checkpoint, config.student.name, s.task.student, s.info.num_classes,
+      s.info.image_shape, 'student.init_checkpoint', new_head_ok=True)
+  initial = task_lib.cast_floats(initial, s.task.param_dtype)
+  state = state.replace(
+      params={**state.params, 'student': jax.device_put(initial['params'], rep)},
+      batch_stats={**state.batch_stats, 'student': jax.device_put(initial['batch_stats'], rep)})
+  if state.ema:
+    state = state.replace(ema=student_variables(state))
+  return state
+
+
+def _describe(s: _Setup) -> str:
+  """The run's first console line: the models, the data, the devices, the steps."""
+  c, info = s.config, s.info
+  pair = f' <- {c.teacher.name} ({c.method}, kd {c.loss.kd_weight})'
+  return (f'{c.name}: {c.student.name}' + (pair if s.distil else '')
+          + f' on {info.name} ({info.num_train} train / {info.num_eval} eval, '
+          f'{info.num_classes} classes), {jax.device_count()} devices x {jax.process_count()} '
+          f'processes, {s.steps_per_epoch} steps/epoch, {s.total_steps} steps')
+
+
+def _evaluate_teacher(s: _Setup, writer: metrics.Writer,
+                      start_step: int) -> Optional[Dict[str, float]]:
+  """The teacher's eval metrics (None without a teacher), logged at `start_step`."""
+  if not s.distil:
+    return None
+  out = evaluate(step.jit_eval_step(s.task.teacher, s.mesh), s.teacher_vars, s.eval_batches,
+                 s.mesh)
+  writer.console(f'teacher {s.config.teacher.name}: top1 {out["top1"]:.2f} '
+                 f'top5 {out["top5"]:.2f}')
+  writer.scalars(start_step, {'teacher/top1': out['top1']})
+  return out
+
+
+class _StepLoop:
+  """The steps, and after each the periodic actions (clu's, called once a step): a log of the
+  step metrics' means every `log_every_steps`, at epoch ends, checkpoint steps and where a
+  method's own stage ends, which first checks them (the NaN guard); eval every
+  `eval_every_epochs` epochs and at the last step; a checkpoint at epoch ends and every
+  `checkpoint_every_steps`. A preemption notice forces a log and a save at whatever step it
+  comes, which no schedule knows: our own code. (clu's ReportProgress would repeat the
+  throughput and ETA that metrics.Progress puts in the log line.)"""
+
+  def __init__(self, s: _Setup, ckpts: checkpoint.Checkpoints, writer: metrics.Writer,
+               earlier_train_time: float):
+    from clu import periodic_actions  # pylint: disable=g-import-not-at-top (TensorFlow)
+    self.setup, self.ckpts, self.writer = s, ckpts, writer
+    self.earlier_train_time = earlier_train_time
+    task, mesh, config = s.task, s.mesh, s.config
+    self.train_step = step.jit_train_step(task, mesh)
+    self.pretrain_step = step.jit_pretrain_step(task, mesh) if task.pretrain is not None else None
+    self.eval_student = step.jit_eval_step(task.student, mesh)
+    epoch_ends = set(range(s.steps_per_epoch, s.total_steps, s.steps_per_epoch)) | {s.total_steps}
+    every_save = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else None
+    saves = set(range(every_save, s.total_steps + 1, every_save)) if every_save else set()
+    action = periodic_actions.PeriodicCallback
+    self.log = action(every_steps=config.log_every_steps, callback_fn=self._log,
+                      on_steps=epoch_ends | saves | {task.pretrain_steps})
+    self.evaluate = action(every_steps=s.steps_per_epoch * config.eval_every_epochs,
+                           on_steps={s.total_steps}, callback_fn=self._evaluate)
+    self.save = action(every_steps=every_save, on_steps=epoch_ends, callback_fn=self._save)
+    self.history, self.history_start, self.attention = [], 0, []
+    self.eval_metrics: Optional[Dict[str, float]] = None
+    self.evaluated_at = -1
+    self.train_metrics: Dict[str, float] = {}
+    self.progress: Optional[metrics.Progress] = None
+
+  def run(self, state, watch: run_guard.PreemptionWatch) -> Tuple[Any, str]:
+    """Steps from `state` to the last step, or to a preemption notice: (state, status). The
+    next global batch is made and sent to the devices while a step runs (dispatch is
+    asynchronous), before the periodic actions that may wait for the step."""
+    s, start = self.setup, int(state.step)
+    train_iter = data.train_iterator(s.config, s.info, start_step=start,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
-    progress = metrics.Progress(total_steps, config.batch_size, start_step)
-    watch = PreemptionWatch()
-    history, history_start, attention = [], start_step, []
-    eval_metrics: Optional[Dict[str, float]] = None
-    train_metrics: Dict[str, float] = {}
-    status = 'finished'
-    for step_index in range(start_step, total_steps):
-      batch = sharding.global_batch(next(train_iter), mesh)
-      run = pretrain_step if step_index < task.pretrain_steps else train_step
-      state, step_metrics = run(state, teacher_vars, batch)
-      history.append(step_metrics)
-      done = step_index + 1
-      epoch_end = done % steps_per_epoch == 0 or done == total_steps
-      preempted = watch.reached(done)
-      periodic = config.checkpoint_every_steps > 0 and done % config.checkpoint_every_steps == 0
-      stage_end = done == task.pretrain_steps  # the method's own stage ends: log it apart
-      if done % config.log_every_steps == 0 or epoch_end or periodic or preempted or stage_end:
-        fetched = jax.device_get(history)
-        problem = metrics.first_non_finite(fetched, history_start + 1)
-        if problem:
-          last = ckpts.steps()
-          raise TrainingDiverged(
-              f'{problem}. Stopped; no checkpoint of this state was written'
-              + (f'; the last good checkpoint is step {last[-1]} in {ckpts.directory}.' if last
-                 else '.'))
-        attention += [m['attention'] for m in fetched if 'attention' in m]
-        means = metrics.mean_metrics([{k: v for k, v in m.items() if k != 'attention'}
-                                      for m in fetched])
-        train_metrics = {k: float(v) for k, v in means.items()}
-        speed = progress.update(done)
-        writer.scalars(done, {**{f'train/{k}': float(v) for k, v in means.items()}, **speed})
-        writer.console(
-            f'step {done}/{total_steps} (epoch {done / steps_per_epoch:.2f}) '
-            f'{metrics.format_terms(means, ["loss", "pretrain", "ce", "kd", config.method])} '
-            f'top1 {100 * means["top1"]:.1f} lr {means["learning_rate"]:.4g} | '
-            f'{speed["images_per_sec"]:.0f} img/s, {1000 * speed["step_time"]:.0f} ms/step, '
-            f'ETA {metrics.format_duration(speed["eta_sec"])}')
-        history, history_start = [], done
-      epoch = done // steps_per_epoch
-      save_metrics = None
-      if epoch_end and (epoch % config.eval_every_epochs == 0 or done == total_steps):
-        eval_metrics = evaluate_student(eval_student, state, config, info, mesh)
-        save_metrics = {'top1': eval_metrics['top1']}
-        writer.scalars(done, {f'eval/{k}': v for k, v in eval_metrics.items()})
-        writer.console(f'eval at step {done}: top1 {eval_metrics["top1"]:.2f} '
-                       f'top5 {eval_metrics["top5"]:.2f} loss {eval_metrics["loss"]:.4f}'
-                       + (f' (ema top1 {eval_metrics["ema_top1"]:.2f})' if state.ema else ''))
-        if attention:
-          save_attention(workdir, done, np.mean(attention, axis=0), student, teacher, config,
-                         task.distiller)
-          attention = []
-      if epoch_end or periodic or preempted:
-        ckpts.save(done, state, meta(done, {'eval': eval_metrics}), metrics=save_metrics)
-      if preempted and done < total_steps:
-        status = 'preempted'
-        writer.console(f'preemption notice: saved step {done}; rerun the same command to resume.')
-        break
-    if status == 'finished' and eval_metrics is None:  # resumed at the end: evaluate once
-      eval_metrics = evaluate_student(eval_student, state, config, info, mesh)
-  finally:
-    train_iter = None  # Close the input pipeline now, not at interpreter exit.
-    # Each is closed even where another raises, in reverse order: the SIGTERM handler last, so
-    # that it still guards the final saves.
-    with contextlib.ExitStack() as closing:
-      if watch is not None:
-        closing.callback(watch.close)
-      if writer is not None:
-        closing.callback(writer.close)  # the event file complete, however the run ends
-      closing.callback(ckpts.close)
-  wall = time.time() - progress.start_time
-  summary = {'config_name': config.name, 'status': status, 'final_step': int(state.step),
-             'total_steps': total_steps, 'eval': eval_metrics, 'teacher_eval': teacher_eval,
-             'train': train_metrics,
+    self.progress = metrics.Progress(s.total_steps, s.config.batch_size, start)
+    self.history_start = start
+    try:
+      batch = sharding.global_batch(next(train_iter), s.mesh) if start < s.total_steps else None
+      for index in range(start, s.total_steps):
+        stage = self.pretrain_step if index < s.task.pretrain_steps else self.train_step
+        state, step_metrics = stage(state, s.teacher_vars, batch)
+        if index + 1 < s.total_steps:
+          batch = sharding.global_batch(next(train_iter), s.mesh)
+        self.history.append(step_metrics)
+        if self._after_step(index + 1, state, watch.reached(index + 1)):
+          return state, 'preempted'
+    finally:
+      train_iter = batch = None  # Close the input pipeline now, not at interpreter exit.
+    if self.eval_metrics is None:  # resumed at the end: evaluate once
+      self.eval_metrics = evaluate_student(self.eval_student, state, s.eval_batches, s.mesh)
+    return state, 'finished'
+
+  def _after_step(self, done: int, state, preempted: bool) -> bool:
+    """The periodic actions after step `done`; True where a preemption notice stops the run."""
+    if not self.log(done) and preempted:  # the NaN guard runs before any save
+      self._log(done)
+    self.evaluate(done, state=state)
+    if not self.save(done, state=state) and preempted:
+      self._save(done, state=state)
+    if preempted and done < self.setup.total_steps:
+      self.writer.console(f'preemption notice: saved step {done}; rerun the same command to '
+                          'resume.')
+      return True
+    return False
+
+  # The actions' callbacks: clu passes the step as `step` and the time as `t`.
+  # pylint: disable=redefined-outer-name
+  def _log(self, step: int, t: Optional[float] = None) -> None:
+    """Fetches the step metrics since the last log and checks them (a non-finite term stops the
+    run before a checkpoint of its state is written); logs their means and the throughput."""
+    del t
+    fetched = jax.device_get(self.history)
+    problem = metrics.first_non_finite(fetched, self.history_start + 1)
+    if problem:
+      last = self.ckpts.steps()
+      raise TrainingDiverged(
+          f'{problem}. Stopped; no checkpoint of this state was written'
+          + (f'; the last good checkpoint is step {last[-1]} in {self.ckpts.directory}.' if last
+             else '.'))
+    self.attention += [m['attention'] for m in fetched if 'attention' in m]
+    means = metrics.mean_metrics([{k: v for k, v in m.items() if k != 'attention'}
+                                  for m in fetched])
+    self.train_metrics = {k: float(v) for k, v in means.items()}
+    speed = self.progress.update(step)
+    self.writer.scalars(step, {**{f'train/{k}': float(v) for k, v in means.items()}, **speed})
+    s = self.setup
+    self.writer.console(
+        f'step {step}/{s.total_steps} (epoch {step / s.steps_per_epoch:.2f}) '
+        f'{metrics.format_terms(means, ["loss", "pretrain", "ce", "kd", s.config.method])} '
+        f'top1 {100 * means["top1"]:.1f} lr {means["learning_rate"]:.4g} | '
+        f'{speed["images_per_sec"]:.0f} img/s, {1000 * speed["step_time"]:.0f} ms/step, '
+        f'ETA {metrics.format_duration(speed["eta_sec"])}')
+    self.history, self.history_start = [], step
+
+  def _evaluate(self, step: int, t: Optional[float] = None, *, state) -> None:
+    """Evaluates the student (and its moving average), logs it, and writes the mean attention
+    of the steps logged since the last eval."""
+    del t
+    s = self.setup
+    m = self.eval_metrics = evaluate_student(self.eval_student, state, s.eval_batches, s.mesh)
+    self.evaluated_at = step
+    self.writer.scalars(step, {f'eval/{k}': v for k, v in m.items()})
+    self.writer.console(f'eval at step {step}: top1 {m["top1"]:.2f} top5 {m["top5"]:.2f} '
+                        f'loss {m["loss"]:.4f}'
+                        + (f' (ema top1 {m["ema_top1"]:.2f})' if state.ema else ''))
+    if self.attention:
+      save_attention(s.workdir, step, np.mean(self.attention, axis=0), s.task.student,
+                     s.task.teacher, s.config, s.task.distiller)
+      self.attention = []
+
+  def _save(self, step: int, t: Optional[float] = None, *, state) -> None:
+    """A checkpoint of `state`, ranked by its eval top-1 where it was evaluated at this step."""
+    del t
+    s = self.setup
+    meta = {'fingerprint': s.fingerprint, 'step': step, 'config_name': s.config.name,
+            'train_time_sec': self.train_time(), 'eval': self.eval_metrics}
+    ranked = {'top1': self.eval_metrics['top1']} if self.evaluated_at == step else None
+    self.ckpts.save(step, state, meta, metrics=ranked)
+  # pylint: enable=redefined-outer-name
+
+  def train_time(self) -> float:
+    """Seconds of training over every run that led here: each earlier one up to its last
+    checkpoint, and this one."""
+    return self.earlier_train_time + time.time() - self.progress.start_time
+
+
+def _summary(s: _Setup, state, status: str, loop: _StepLoop, teacher_eval, start_time: float,
+             writer: metrics.Writer) -> Dict[str, Any]:
+  """The run's summary; a finished run writes it to `workdir/summary.json` and says so."""
+  wall = time.time() - loop.progress.start_time
+  summary = {'config_name': s.config.name, 'status': status, 'final_step': int(state.step),
+             'total_steps': s.total_steps, 'eval': loop.eval_metrics,
+             'teacher_eval': teacher_eval, 'train': loop.train_metrics,
              'wall_time_sec': wall, 'total_time_sec': time.time() - start_time,
              # Over every run that led here: each earlier run up to its last checkpoint.
-             'train_time_sec': earlier_train_time + wall,
+             'train_time_sec': loop.earlier_train_time + wall,
              'params_sha256': params_sha256(state.params),
              # The whole state: step, params, batch_stats, opt_state and rng (exact resume).
              'state_sha256': params_sha256(state)}
   if status == 'finished':
-    checkpoint.write_json(os.path.join(workdir, 'summary.json'), summary)
+    checkpoint.write_json(os.path.join(s.workdir, 'summary.json'), summary)
     writer.console(f'done: step {summary["final_step"]}, eval top1 '
-                   f'{(eval_metrics or {}).get("top1", float("nan")):.2f}, '
+                   f'{(loop.eval_metrics or {}).get("top1", float("nan")):.2f}, '
                    f'params_sha256 {summary["params_sha256"][:16]}...')
   return summary
 
@@ -410,6 +406,66 @@ def make_task(config, info: data.DatasetInfo, steps_per_epoch: int) -> task_lib.
   except (ValueError, TypeError) as e:  # a factory's kwargs, taps that match nothing, a grid
     raise UserError(str(e)) from None
   return task
+
+
+EVAL_IN_MEMORY_BYTES = 1 << 30  # a process's eval share up to this size is read once, then kept
+
+
+class EvalBatches:
+  """This process's eval batches (`data.eval_iterator`), the same ones at every pass: kept as
+  host arrays after the first pass where they take at most EVAL_IN_MEMORY_BYTES, else read
+  again from the deterministic pipeline at each pass."""
+
+  def __init__(self, config, info: data.DatasetInfo):
+    processes = jax.process_count()
+    self._read = functools.partial(data.eval_iterator, config, info,
+                                   process_index=jax.process_index(), process_count=processes)
+    examples = (data.num_eval_batches(config, info, processes)
+                * data.local_batch_size(config.eval_batch_size, processes, 'eval_batch_size'))
+    # float32 images, an int32 label and a float32 mask per example
+    self._keep = examples * (4 * int(np.prod(info.image_shape)) + 8) <= EVAL_IN_MEMORY_BYTES
+    self._kept = None
+
+  def __iter__(self) -> Iterator[dict]:
+    if self._kept is not None:
+      return iter(self._kept)
+    return self._read_and_keep() if self._keep else self._read()
+
+  def _read_and_keep(self) -> Iterator[dict]:
+    batches = []
+    for batch in self._read():
+      batches.append(batch)
+      yield batch
+    self._kept = batches  # a whole pass only
+
+
+@jax.jit
+def _add_sums(totals, sums):
+  return jax.tree.map(jnp.add, totals, sums)
+
+
+def evaluate(eval_step, variables, batches: EvalBatches, mesh) -> Dict[str, float]:
+  """Top-1/top-5 (%) and loss over every eval example exactly once. The sums stay on the
+  devices (one compiled add a batch, dispatched without waiting) and are fetched at the end."""
+  totals = None
+  for batch in batches:
+    sums = eval_step(variables, sharding.global_batch(batch, mesh))
+    totals = sums if totals is None else _add_sums(totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals['count']), 1.0)
+  return {'top1': 100 * float(totals['correct1']) / count,
+          'top5': 100 * float(totals['correct5']) / count,
+          'loss': float(totals['loss_sum']) / count, 'count': int(totals['count'])}
+
+
+def evaluate_student(eval_step, state, batches: EvalBatches, mesh) -> Dict[str, float]:
+  """`evaluate` of the student; where the run keeps a moving average of it, also of that
+  (`ema_top1`, `ema_top5`, `ema_loss`)."""
+  out = evaluate(eval_step, student_variables(state), batches, mesh)
+  if state.ema:
+    ema = evaluate(eval_step, state.ema, batches, mesh)
+    out.update({f'ema_{k}': v for k, v in ema.items() if k != 'count'})
+  return out
 
 
 def save_attention(workdir, step_count, mean_attention, student, teacher, config,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from afd_jax import bench, distill, models, sharding, train
+from afd_jax import bench, distill, models, run_guard, sharding
 from afd_jax import task as task_lib
 from afd_jax.distill import AT, SP, FitNet
 from afd_jax.errors import UserError
@@ -405,7 +405,7 @@ def test_a_registered_method_is_a_config_method(registered_toy_method):
   c = methods.set_method(base.get_base_config(), 'toy_last_mse')
   assert c.loss.feature_weight == 7.0 and (c.loss.ce_weight, c.loss.kd_weight) == (1.0, 0.0)
   c.student.name, c.teacher.name = 'resnet8', 'resnet14'
-  train.validate(c)
+  run_guard.validate(c)
   task = task_lib.task_from_config(c, 4, 10)
   assert type(task.distiller).__name__ == 'LastTapMSE' and task.feature_name == 'toy_last_mse'
   with pytest.raises(ValueError, match='already registered'):
@@ -413,4 +413,4 @@ def test_a_registered_method_is_a_config_method(registered_toy_method):
   c.method = 'toy_last_msee'
   with pytest.raises(UserError, match="Unknown method 'toy_last_msee'. Known methods: none, afd, "
                                       '.*toy_last_mse'):
-    train.validate(c)
+    run_guard.validate(c)

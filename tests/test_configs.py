@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from afd_jax import models, train
+from afd_jax import models, run_guard
 from afd_jax import task as task_lib
 from configs import cifar100, deit, digits, imagenet, methods, quickstart, transfer
 
@@ -59,7 +59,7 @@ def test_config_builds_and_validates(label, config):
     node = config
     for part in key.split('.'):
       node = node[part]
-  train.validate(config)
+  run_guard.validate(config)
   assert config.student.name in models.names()
   if task_lib.is_distillation(config):
     assert config.teacher.name in models.names()
@@ -68,6 +68,14 @@ def test_config_builds_and_validates(label, config):
   config.lock()
   with pytest.raises(AttributeError):
     config.studnet = 1
+
+
+@pytest.mark.parametrize('key', ['log_every_steps', 'eval_every_epochs'])
+def test_a_period_of_zero_is_refused(key):
+  config = digits.get_config('afd')
+  config[key] = 0
+  with pytest.raises(run_guard.UserError, match=f'{key} must be positive, got 0'):
+    run_guard.validate(config)
 
 
 def test_every_benchmark_pair_and_method_is_covered():

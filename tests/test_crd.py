@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from afd_jax import checkpoint, distill, sharding, step, train, weights
+from afd_jax import checkpoint, distill, run_guard, sharding, step, train, weights
 from afd_jax.distill.crd import CRD, sample_negatives
 from afd_jax.errors import UserError
 from configs import methods
@@ -147,7 +147,7 @@ def test_refusals():
                    train_labels=np.zeros(3))
   config.dataset.shuffle_buffer = 1000
   with pytest.raises(UserError) as e:
-    train.validate(config)
+    run_guard.validate(config)
   assert "method 'crd' needs each example's index" in str(e.value)
   assert 'shuffle_buffer=0' in str(e.value) and '\n' not in str(e.value)
 
@@ -209,7 +209,7 @@ def test_a_stopped_and_resumed_run_has_the_uninterrupted_banks(digits_data_dir, 
                             student__taps='auto')
   methods.set_method(config, 'crd')
   config.crd = ml_collections.ConfigDict({'feat_dim': 16, 'nce_k': 24})
-  train.validate(config)
+  run_guard.validate(config)
   info = data.dataset_info(config)
   task = train.make_task(config, info, data.steps_per_epoch(config, info, 1))
   mesh = mesh_of(8)

@@ -181,7 +181,7 @@ def test_float64_needs_x64_and_is_not_left_on(monkeypatch):
   assert not jax.config.jax_enable_x64  # the fixtures above left nothing on
   with pytest.raises(ValueError, match='jax_enable_x64'):
     make_task(data)
-  from afd_jax import train  # pylint: disable=g-import-not-at-top (TensorFlow)
+  from afd_jax import run_guard, train  # pylint: disable=g-import-not-at-top (TensorFlow)
   config = replay_config(data)
   with train.float64_mode(config):
     assert jax.config.jax_enable_x64 and jnp.zeros(1).dtype == jnp.float64
@@ -193,7 +193,7 @@ def test_float64_needs_x64_and_is_not_left_on(monkeypatch):
   assert not jax.config.jax_enable_x64
   config.teacher.dtype = 'bfloat16'
   with pytest.raises(train.UserError, match='leave teacher.dtype empty'):
-    train.validate(config)
+    run_guard.validate(config)
 
 
 def test_a_float64_run_does_not_resume_a_float32_workdir_or_the_reverse():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from afd_jax import collectives, layers, sharding, step, train
+from afd_jax import collectives, layers, run_guard, sharding, step
 from afd_jax import task as task_lib
 from afd_jax.distill import AFD
 from afd_jax.errors import UserError
@@ -165,7 +165,7 @@ def test_bad_group_size_or_teacher_dtype_is_refused_before_anything_runs(key, va
   section, _, leaf = key.rpartition('.')
   (config[section] if section else config)[leaf] = value
   with pytest.raises(UserError, match=re.escape(message)):
-    train.validate(config)
+    run_guard.validate(config)
 
 
 def test_a_student_with_flax_batch_norm_is_refused_under_groups():

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from afd_jax import sharding, step, train
+from afd_jax import run_guard, sharding, step, train
 from afd_jax.distill import registry
 from configs import methods
 from tests import runs
@@ -94,7 +94,7 @@ def test_a_run_interrupted_in_the_stage_resumes_across_it_exactly(
   pretrain_steps = whole['total_steps'] - 4
   assert pretrain_steps >= 3
   stop_at = pretrain_steps - 1
-  monkeypatch.setattr(train.PreemptionWatch, 'reached', lambda self, done: done == stop_at)
+  monkeypatch.setattr(run_guard.PreemptionWatch, 'reached', lambda self, done: done == stop_at)
   first = train.train_and_evaluate(config(), str(tmp_path / 'cut'))
   assert first['final_step'] == stop_at and first['status'] == 'preempted'
   monkeypatch.undo()

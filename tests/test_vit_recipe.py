@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from afd_jax import step, train
+from afd_jax import run_guard, step, train
 from afd_jax import task as task_lib
 from afd_jax.distill import cross_entropy, soft_cross_entropy
 from afd_jax.errors import UserError
@@ -84,7 +84,7 @@ def test_bad_mixing_and_ema_settings_are_refused_in_one_line(digits_data_dir):
                             ('ema_decay', 1.0, 'ema_decay must be in [0, 1)')):
     config = runs.tiny_config(digits_data_dir, **{key.replace('.', '__'): value})
     with pytest.raises(UserError, match=re.escape(words)) as e:
-      train.validate(config)
+      run_guard.validate(config)
     assert '\n' not in str(e.value)
 
 
