@@ -230,20 +230,16 @@ class Checkpoints:
 
   def _restore(self, step: int, abstract_state) -> Dict[str, Any]:
     """{'state', 'meta'} of `step`. A state saved before TrainState had `ema` (a run without a
-    moving average) is read into the fields it has."""
-    restore = lambda target: self.manager.restore(step, args=ocp.args.Composite(
+    moving average; its saved tree has no 'ema') is read into the fields it has."""
+    target = abstract_state
+    legacy = (isinstance(abstract_state, TrainState) and not abstract_state.ema
+              and 'ema' not in self.manager.item_metadata(step)['state'])
+    if legacy:
+      target = {k: getattr(abstract_state, k)
+                for k in ('step', 'params', 'batch_stats', 'opt_state', 'rng')}
+    restored = self.manager.restore(step, args=ocp.args.Composite(
         state=restore_args(target), meta=ocp.args.JsonRestore()))
-    try:
-      return restore(abstract_state)
-    except Exception as first:  # pylint: disable=broad-except
-      if not isinstance(abstract_state, TrainState) or abstract_state.ema:
-        raise
-      fields = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
-      try:
-        restored = restore({k: getattr(abstract_state, k) for k in fields})
-      except Exception:  # pylint: disable=broad-except
-        raise first from None
-      return {**restored, 'state': TrainState(**restored['state'])}
+    return {**restored, 'state': TrainState(**restored['state'])} if legacy else restored
 
   def _set_aside(self, step: int) -> str:
     """Moves step `step`'s folder to `workdir/unreadable_checkpoints/<step>-<UTC time>` and
