@@ -10,13 +10,18 @@ CNN -> ViT: the quick-start's resnet20 teacher into a ViT student with the ViT r
 ViT -> CNN: a vit_micro4 trained alone by the same recipe (seed 0's `none` run above) into
 resnet8 with the CNN study's recipe (`configs/fashion_mnist.py`): resnet8 alone, KD, AFD.
 Every run is one `python -m afd_jax.main` (its command in ROOT/<run>/command.txt, its log in
-ROOT/<run>/log.txt); a finished run (summary.json) is not run again, an interrupted one resumes
-from its checkpoint, and SIGTERM to this script stops the run in progress at a checkpoint.
-Results (top-1, wall time, the commit) are kept in docs/results/cross_architecture_runs.json.
+ROOT/<run>/log.txt); an interrupted one resumes from its checkpoint, and SIGTERM to this script
+stops the run in progress at a checkpoint. Results (top-1, wall time, params_sha256, the commit)
+are kept in docs/results/cross_architecture_runs.json, and a run found there is not run again,
+so the study goes on from the record on a machine without ROOT. The one exception is the ViT
+teacher: when ROOT lacks it and a ViT -> CNN run is still to do, it is trained again and must
+give the recorded params_sha256 (else the script stops). AFD's attention plots of seed 0 are
+copied to docs/results/cross_architecture_<direction>_afd_attention.png.
 """
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -64,10 +69,16 @@ def commit() -> str:
                         text=True).stdout.strip()
 
 
-def run(root: str, name: str, cmd, record) -> int:
-  """Runs (or resumes) one run unless its summary exists; records it; returns the exit code."""
+def run(root: str, name: str, cmd, record, needed_on_disk: bool = False) -> int:
+  """Runs (or resumes) one run unless it is recorded; records it; returns the exit code.
+
+  `needed_on_disk`: the run's checkpoint is used by a later run, so a recorded run whose folder
+  is gone is trained again and checked against the recorded params_sha256.
+  """
   folder = os.path.join(root, name)
   done = os.path.join(folder, 'summary.json')
+  if name in record and (os.path.exists(done) or not needed_on_disk):
+    return 0
   if not os.path.exists(done):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, 'command.txt'), 'w') as f:
@@ -82,10 +93,21 @@ def run(root: str, name: str, cmd, record) -> int:
       return code
   with open(done) as f:
     summary = json.load(f)
+  if name in record:
+    if record[name]['params_sha256'] != summary['params_sha256']:
+      print(f'{name} trained again gives params_sha256 {summary["params_sha256"][:12]}..., not '
+            f'the recorded {record[name]["params_sha256"][:12]}...; the runs it taught were '
+            'taught by another teacher, so the study stops here', flush=True)
+      return 1
+    return 0
   record[name] = {'top1': summary['eval']['top1'], 'wall_time_sec': summary['wall_time_sec'],
-                  'params_sha256': summary['params_sha256'],
-                  'commit': record.get(name, {}).get('commit') or commit()}
+                  'params_sha256': summary['params_sha256'], 'commit': commit()}
   save_record(record)
+  plot = os.path.join(folder, 'attention.png')
+  if name.endswith('-afd-s0') and os.path.exists(plot):
+    direction = name.split('-')[0]
+    shutil.copyfile(plot, os.path.join(os.path.dirname(RECORD),
+                                       f'cross_architecture_{direction}_afd_attention.png'))
   return 0
 
 
@@ -121,7 +143,9 @@ def main():
       if args.only and direction != args.only:
         continue
       name, cmd = commands(os.path.abspath(args.root), direction, method, seed)
-      if run(args.root, name, cmd, record):
+      teaches = name == VIT_TEACHER_RUN and any(
+          f'vit2cnn-{m}-s{s}' not in record for m in VIT2CNN for s in seeds)
+      if run(args.root, name, cmd, record, needed_on_disk=teaches):
         sys.exit(1)
   for direction, methods in (('cnn2vit', CNN2VIT), ('vit2cnn', VIT2CNN)):
     print(f'\n{direction}\n' + table(record, direction, methods, seeds))
