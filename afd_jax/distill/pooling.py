@@ -1,4 +1,5 @@
-"""PyTorch's AdaptiveAvgPool2d, written as two small matrix products so that XLA fuses it.
+"""PyTorch's AdaptiveAvgPool2d: a window mean where the sizes divide (one fused reduction, or a
+broadcast when growing), else two small matrix products.
 
 Output cell i averages input rows floor(i * H_in / H_out) .. ceil((i + 1) * H_in / H_out) - 1
 (and the same for columns). This covers shrinking, sizes that do not divide, and growing
@@ -29,6 +30,14 @@ def adaptive_avg_pool2d(x: jax.Array, out_hw) -> jax.Array:
   (h_in, w_in), (h_out, w_out) = x.shape[-2:], tuple(out_hw)
   if (h_in, w_in) == (h_out, w_out):
     return x
+  lead = x.shape[:-2]
+  if h_in % h_out == 0 and w_in % w_out == 0:  # equal windows: their mean
+    windows = x.reshape(lead + (h_out, h_in // h_out, w_out, w_in // w_out))
+    return jnp.mean(windows, axis=(-3, -1))
+  if h_out % h_in == 0 and w_out % w_in == 0:  # each output cell is one input cell
+    grown = jnp.broadcast_to(x[..., :, None, :, None],
+                             lead + (h_in, h_out // h_in, w_in, w_out // w_in))
+    return grown.reshape(lead + (h_out, w_out))
   if h_in != h_out:
     x = jnp.einsum('...hw,ih->...iw', x, jnp.asarray(pool_matrix(h_in, h_out), x.dtype))
   if w_in != w_out:
