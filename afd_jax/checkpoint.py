@@ -12,6 +12,7 @@ unfinished folder (the run then stops with one line: `errors.DiskFull`).
 Orbax's own log lines stay off the console unless asked for (`errors.verbose`).
 """
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -19,7 +20,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -156,6 +157,46 @@ def state_handler() -> ocp.PyTreeCheckpointHandler:
           (str, ocp.type_handlers.StringHandler()))))
 
 
+def map_distillers(fn, tree, *likes):
+  """`tree` with `fn(subtree, *like_subtrees)` in place of every non-empty `'distiller'` entry:
+  a TrainState's params and batch stats, and the optimizer states' trees that mirror params.
+  `likes` are trees of the same structure outside those entries."""
+  if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+    return type(tree)(**{f.name: map_distillers(fn, getattr(tree, f.name),
+                                                *[getattr(l, f.name) for l in likes])
+                         for f in dataclasses.fields(tree)})
+  if isinstance(tree, Mapping):
+    return {k: (fn(v, *[l[k] for l in likes]) if k == 'distiller' and isinstance(v, Mapping) and v
+                else map_distillers(fn, v, *[l[k] for l in likes])) for k, v in tree.items()}
+  if isinstance(tree, tuple) and hasattr(tree, '_fields'):  # a NamedTuple (optax's states)
+    return type(tree)(*[map_distillers(fn, v, *[l[i] for l in likes])
+                        for i, v in enumerate(tree)])
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(map_distillers(fn, v, *[l[i] for l in likes]) for i, v in enumerate(tree))
+  return tree
+
+
+def _older_distiller_layout(saved) -> Optional[registry.OlderLayout]:
+  """The older layout of the distiller's parameters in a saved state's metadata tree, if any."""
+  try:  # Orbax's tree metadata: indexable by name, though not a Mapping
+    distiller = saved['params']['distiller']
+  except (KeyError, TypeError):
+    return None
+  return registry.older_layout_of(list(distiller)) if isinstance(distiller, Mapping) else None
+
+
+def _older_shapes(layout: registry.OlderLayout, collection):
+  """The restore target of a distiller collection in `layout`, placed as the collection is."""
+  sharding = getattr(jax.tree.leaves(collection)[0], 'sharding', None)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      jax.eval_shape(layout.older, collection))
+
+
+def _placed_like(tree, like):
+  return jax.tree.map(lambda x, l: jax.device_put(x, l.sharding)
+                      if getattr(l, 'sharding', None) is not None else x, tree, like)
+
+
 def restore_args(target) -> ocp.args.PyTreeRestore:
   """Restores the `state` item onto `target`'s shapes, dtypes and shardings."""
   return ocp.args.PyTreeRestore(
@@ -230,15 +271,24 @@ class Checkpoints:
 
   def _restore(self, step: int, abstract_state) -> Dict[str, Any]:
     """{'state', 'meta'} of `step`. A state saved before TrainState had `ema` (a run without a
-    moving average; its saved tree has no 'ema') is read into the fields it has."""
+    moving average; its saved tree has no 'ema') is read into the fields it has; a distiller
+    saved in a method's older layout (`registry.OlderLayout`) is read in it and converted."""
+    saved = self.manager.item_metadata(step)['state']
     target = abstract_state
     legacy = (isinstance(abstract_state, TrainState) and not abstract_state.ema
-              and 'ema' not in self.manager.item_metadata(step)['state'])
+              and 'ema' not in saved)
     if legacy:
       target = {k: getattr(abstract_state, k)
                 for k in ('step', 'params', 'batch_stats', 'opt_state', 'rng')}
+    layout, current = _older_distiller_layout(saved), target
+    if layout is not None:
+      target = map_distillers(lambda c: _older_shapes(layout, c), target)
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=restore_args(target), meta=ocp.args.JsonRestore()))
+    if layout is not None:
+      restored = {**restored, 'state': map_distillers(
+          lambda older, like: _placed_like(layout.current(older, like), like),
+          restored['state'], current)}
     return {**restored, 'state': TrainState(**restored['state'])} if legacy else restored
 
   def _set_aside(self, step: int) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from afd_jax.distill import AFD
+from afd_jax.distill.afd import per_tap_variables
 from afd_jax.distill.pooling import adaptive_avg_pool2d, pool_matrix
 
 EPS = 1e-5
@@ -42,7 +43,7 @@ def np_afd(student, teacher, params, d):
   """L_AFD and attention, in train mode, written from the spec."""
   student = [np.asarray(f, np.float64) for f in student]
   teacher = [np.asarray(f, np.float64) for f in teacher]
-  params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float64), per_tap_variables(params))
   b, t, s = student[0].shape[0], len(teacher), len(student)
   q = np.stack([np_linear_bn(f.mean((1, 2)), params[f'query_{n}'], False)
                 for n, f in enumerate(teacher)], 1)

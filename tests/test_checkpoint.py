@@ -20,12 +20,13 @@ import numpy as np
 import optax
 import pytest
 
-from afd_jax import checkpoint, models, step, train, weights, workdir_lock
+from afd_jax import checkpoint, models, sharding, step, train, weights, workdir_lock
+from afd_jax.distill import afd
 from afd_jax import task as task_lib
 from afd_jax.errors import UserError
 from afd_jax.interop import torch as torch_interop
 from tests import runs
-from tests.test_step import mesh_of, setup, tiny_task
+from tests.test_step import mesh_of, setup, tiny_task, toy_batch
 
 STEPS = 30  # every run below: 30 steps of 32 examples, a checkpoint every 5 steps and at the end
 STEPS_PER_EPOCH = 10  # a 320-example training subset: epochs end (evaluate, save) at 10, 20, 30
@@ -63,6 +64,30 @@ def test_round_trip_of_the_full_state_on_8_devices(tmp_path, monkeypatch, caplog
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.sharding == b.sharding and len(a.sharding.device_set) == 8
+
+
+def test_a_state_with_one_linear_bn_per_afd_tap_restores_into_the_stacked_layout(tmp_path):
+  """Checkpoints written before AFD stacked its taps hold `query_<n>` / `key_<m>` LinearBNs
+  in the params, the batch stats and the optimizer's momentum: such a state (after one step, so
+  the momentum is not zero) restores into today's layout, every value and sharding as saved."""
+  task, mesh = tiny_task(), mesh_of(8)
+  state, teacher_vars = setup(task, mesh)
+  batch = sharding.global_batch(toy_batch(np.random.default_rng(0)), mesh)
+  state, _ = step.jit_train_step(task, mesh)(state, teacher_vars, batch)
+  older = checkpoint.map_distillers(afd.per_tap_variables, state)
+  assert 'query_0' in older.params['distiller'] and 'query_0' in older.batch_stats['distiller']
+  assert 'query_0' in older.opt_state[1][0].trace['distiller']  # SGD's momentum
+  ckpts = checkpoint.Checkpoints(str(tmp_path), keep=1)
+  ckpts.save(1, older, {'step': 1})
+  ckpts.wait()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  restored, _ = ckpts.restore_latest(abstract)
+  ckpts.close()
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert a.sharding == b.sharding
 
 
 @pytest.fixture(scope='module')

@@ -76,6 +76,28 @@ Builder = Callable[[Any, Setting], nn.Module]
 
 
 @dataclasses.dataclass(frozen=True)
+class OlderLayout:
+  """How a method's distiller variables were laid out before, for checkpoints saved then.
+
+  `matches(names)`: whether a saved distiller collection with these top-level names is in the
+  older layout. `older(collection)`: today's collection (arrays, or their shapes through
+  `jax.eval_shape`) in the older layout. `current(older, like)`: an older-layout collection
+  (or a tree mirroring `params`, such as an optimizer's momentum) in today's layout, `like`
+  being today's tree or its shapes."""
+  matches: Callable[[Sequence[str]], bool]
+  older: Callable[[Mapping[str, Any]], Dict[str, Any]]
+  current: Callable[[Mapping[str, Any], Mapping[str, Any]], Dict[str, Any]]
+
+
+def older_layout_of(names: Sequence[str]) -> Optional[OlderLayout]:
+  """The registered older layout that a saved distiller collection with `names` is in."""
+  for method in _METHODS.values():
+    if method.older_layout is not None and method.older_layout.matches(names):
+      return method.older_layout
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   """A feature-distillation method: its name (`config.method`), how to build its module, its
   default loss weights, which taps it uses and where its defaults come from."""
@@ -102,6 +124,8 @@ class Method:
   # apply_recipe`), e.g. DKD's beta per CIFAR-100 pair.
   recipes: Mapping[str, Mapping[Tuple[str, str], Mapping[str, Any]]] = dataclasses.field(
       default_factory=dict)
+  # A parameter layout that checkpoints of earlier versions hold, read into today's at restore.
+  older_layout: Optional['OlderLayout'] = None
 
   @property
   def needs_distillation_token(self) -> bool:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from afd_jax import models
-from afd_jax.distill import AFD
+from afd_jax.distill import AFD, afd
 from afd_jax.interop import state_dict
 from afd_jax.interop import vit as vit_interop
 from afd_jax.models.resnet import ResNet
@@ -129,7 +129,10 @@ def _convert_afd(sd: Dict[str, np.ndarray]):
   teacher = features('linear_trans_t.query_layer', t)
   abstract = jax.eval_shape(
       lambda: AFD(qk_dim=d).init(jax.random.PRNGKey(0), student, teacher, train=False))
-  return state_dict.fill(abstract, sd, lambda path: _torch_key(path, _afd_segment), f'the AFD module (T={t}, S={s}, qk_dim={d})')
+  per_tap = state_dict.fill(jax.eval_shape(afd.per_tap_variables, abstract), sd,
+                            lambda path: _torch_key(path, _afd_segment),
+                            f'the AFD module (T={t}, S={s}, qk_dim={d})')
+  return afd.stacked_like(per_tap, abstract)
 
 
 def to_state_dict(name: str, variables) -> Dict[str, np.ndarray]:
@@ -139,7 +142,7 @@ def to_state_dict(name: str, variables) -> Dict[str, np.ndarray]:
   here back to PyTorch with `model.load_state_dict({k: torch.from_numpy(v) ...}, strict=False)`.
   """
   if name == 'afd':
-    segment = _afd_segment
+    segment, variables = _afd_segment, afd.per_tap_variables(variables)
   elif name in models.VIT_NAMES:
     return vit_interop.to_state_dict(variables)
   else:
