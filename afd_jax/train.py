@@ -270,21 +270,26 @@ class _StepLoop:
     self.progress: Optional[metrics.Progress] = None
 
   def run(self, state, watch: run_guard.PreemptionWatch) -> Tuple[Any, str]:
-    """Steps from `state` to the last step, or to a preemption notice: (state, status). The
-    next global batch is made and sent to the devices while a step runs (dispatch is
-    asynchronous), before the periodic actions that may wait for the step."""
+    """Steps from `state` to the last step, or to a preemption notice: (state, status). With
+    `config.prefetch` the next global batch is made and sent to the devices while a step runs
+    (dispatch is asynchronous), before the periodic actions that may wait for the step."""
     s, start = self.setup, int(state.step)
+    prefetch = s.config.get('prefetch', True)
     train_iter = data.train_iterator(s.config, s.info, start_step=start,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
     self.progress = metrics.Progress(s.total_steps, s.config.batch_size, start)
     self.history_start = start
     try:
-      batch = sharding.global_batch(next(train_iter), s.mesh) if start < s.total_steps else None
+      batch = None
+      if prefetch and start < s.total_steps:
+        batch = sharding.global_batch(next(train_iter), s.mesh)
       for index in range(start, s.total_steps):
+        if not prefetch:
+          batch = sharding.global_batch(next(train_iter), s.mesh)
         stage = self.pretrain_step if index < s.task.pretrain_steps else self.train_step
         state, step_metrics = stage(state, s.teacher_vars, batch)
-        if index + 1 < s.total_steps:
+        if prefetch and index + 1 < s.total_steps:
           batch = sharding.global_batch(next(train_iter), s.mesh)
         self.history.append(step_metrics)
         if self._after_step(index + 1, state, watch.reached(index + 1)):

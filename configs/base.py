@@ -147,6 +147,8 @@ def get_base_config() -> ml_collections.ConfigDict:
                                  # Dividing the per-device batch: no cross-device reduction per
                                  # layer, same result on any device count (layers.batch_norm_groups)
 
+  c.prefetch = True              # make the next global batch while a step runs (double
+                                 # buffering); False makes it just before its step
   c.log_every_steps = 50
   c.eval_every_epochs = 1
   c.checkpoint_every_steps = 0   # 0: only at the end of every epoch (and on preemption)

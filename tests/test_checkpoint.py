@@ -223,6 +223,17 @@ def test_sigterm_saves_and_the_rerun_skips_a_save_killed_mid_write(digits_data_d
   assert partial.exists()
 
 
+def test_a_run_without_prefetch_ends_identical(digits_data_dir, reference, tmp_path):
+  """`config.prefetch=False` makes each batch just before its step instead of during the step
+  before: the same batches in the same order, so the same final state as the reference run."""
+  workdir = tmp_path / 'run'
+  runs.cli(run_args(digits_data_dir, prefetch=False), workdir=str(workdir), check=True,
+           devices=DEVICES)
+  summary = runs.summary(workdir)
+  assert summary['final_step'] == STEPS
+  assert summary['state_sha256'] == reference[1]['state_sha256']
+
+
 def test_non_finite_loss_stops_before_any_checkpoint_of_it(digits_data_dir, tmp_path):
   """The NaN falls on step 10, which would be checkpointed twice over (a multiple of
   checkpoint_every_steps=5 and an epoch end) but is no log step: the guard still runs before the
