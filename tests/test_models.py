@@ -22,6 +22,8 @@ TORCH_PARAMETER_COUNTS = {
     # 5,717,416 / 22,050,664 / 86,567,656 parameters with 1000 (the head is dim x classes +
     # classes); vit_mini4 by the same count (patch 4, dim 192, depth 6, MLP 384, 8x8 grid).
     'vit_ti16': 5543716, 'vit_s16': 21704164, 'vit_b16': 85875556, 'vit_mini4': 1823908,
+    # timm's vit_large_patch16_224 / vit_huge_patch14_224: 304,326,632 / 632,045,800 with 1000.
+    'vit_l16': 303404132, 'vit_h14': 630892900,
     # DeiTs: timm's deit_{tiny,small,base}_distilled_patch16_224 have 5,910,800 / 22,436,432 /
     # 87,338,192 with 1000 (two heads); deit_mini4 by the same count.
     'deit_ti16': 5563400, 'deit_s16': 21743432, 'deit_b16': 85953992, 'deit_mini4': 1843592,
@@ -52,7 +54,8 @@ EXPECTED_TAPS = {
     'vgg13': stage(2, 64, 32) + stage(2, 128, 16) + stage(2, 256, 8) + stage(4, 512, 4),
     # ViTs at 32x32: every block's patch tokens as a grid (2x2 for 16-pixel patches).
     'vit_ti16': stage(12, 192, 2), 'vit_s16': stage(12, 384, 2), 'vit_b16': stage(12, 768, 2),
-    'vit_mini4': stage(6, 192, 8),
+    'vit_mini4': stage(6, 192, 8), 'vit_l16': stage(24, 1024, 2),
+    'vit_h14': stage(32, 1280, 2),  # at 28x28 (14-pixel patches)
     # DeiTs: the same grids, class and distillation tokens dropped.
     'deit_ti16': stage(12, 192, 2), 'deit_s16': stage(12, 384, 2),
     'deit_b16': stage(12, 768, 2), 'deit_mini4': stage(6, 192, 8),
@@ -74,7 +77,7 @@ def abstract(name, shape, num_classes=100):
 
 @pytest.mark.parametrize('name', sorted(EXPECTED_TAPS))
 def test_taps_and_parameter_count(name):
-  size = 224 if name.endswith('im') else 32
+  size = 224 if name.endswith('im') else 28 if name == 'vit_h14' else 32
   model, variables, logits, feats = abstract(name, (2, size, size, 3))
   assert logits.shape == (2, 100) and logits.dtype == jnp.float32
   assert [f.shape[1:] for f in feats] == EXPECTED_TAPS[name]

@@ -12,17 +12,20 @@ import jax.numpy as jnp
 
 from afd_jax import models
 from afd_jax.interop import torch as torch_interop
+from afd_jax.interop import vit as vit_interop
 from afd_jax.models import vit
 
 SIZES = {'vit_ti16': (192, 12, 3, 768, 16), 'vit_s16': (384, 12, 6, 1536, 16),
          'vit_mini4': (192, 6, 3, 384, 4)}
 
 
-def hugging_face_vit(name, num_classes, base_size):
+def hugging_face_vit(name, num_classes, base_size, sizes=None):
+  """transformers' ViT of zoo model `name`'s sizes (or of `sizes`: dim, depth, heads, mlp,
+  patch), random non-trivial weights."""
   torch = pytest.importorskip('torch', reason='torch is optional; CI installs the CPU build')
   transformers = pytest.importorskip(
       'transformers', reason='transformers is an optional test dependency (launch/setup.sh)')
-  dim, depth, heads, mlp, patch = SIZES[name]
+  dim, depth, heads, mlp, patch = sizes or SIZES[name]
   config = transformers.ViTConfig(
       hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp,
       patch_size=patch, image_size=base_size, num_channels=3, num_labels=num_classes,
@@ -61,6 +64,61 @@ def test_logits_and_every_tap_equal_transformers_vit(name, size):
       scale = float(np.abs(want).max())
       np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4 * scale,
                                  err_msg=f'{name} at {size}, {layout} names')
+
+
+# The foundation-size ViTs at a width the suite can run: their patch size and head count, with
+# narrow blocks (dim, depth, mlp) in place of (1024, 24, 4096) and (1280, 32, 5120).
+NARROW = {'vit_l16': dict(dim=64, depth=2, mlp_dim=128), 'vit_h14': dict(dim=80, depth=2,
+                                                                          mlp_dim=160)}
+
+
+@pytest.mark.parametrize('name', sorted(NARROW))
+def test_a_narrow_copy_of_each_foundation_vit_equals_transformers_vit(name):
+  """vit_l16 / vit_h14's own patch size, head count and 224x224 grid (14 x 14 patches of 16,
+  16 x 16 of 14), with narrow blocks: logits and every tap equal transformers' ViT with the
+  same weights, imported by the zoo's importer in transformers' and in timm's names, and
+  exported to timm's names and back unchanged."""
+  torch = pytest.importorskip('torch', reason='torch is optional; CI installs the CPU build')
+  options = {**vit.CONFIGS[name], **NARROW[name]}
+  model = vit.ViT(num_classes=10, **options)
+  model_pt = hugging_face_vit(name, 10, 224, sizes=tuple(
+      options[k] for k in ('dim', 'depth', 'heads', 'mlp_dim', 'patch')))
+  images = np.random.default_rng(0).normal(size=(1, 224, 224, 3)).astype(np.float32)
+  with torch.no_grad():
+    out = model_pt(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
+                   output_hidden_states=True)
+  state_dict = {k: v.numpy() for k, v in model_pt.state_dict().items()}
+  grid = 224 // options['patch']
+  want = [out.logits.numpy()] + [h.numpy()[:, 1:].reshape(1, grid, grid, -1)
+                                 for h in out.hidden_states[1:]]
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  for layout, sd in (('transformers', state_dict), ('timm', timm_names(state_dict))):
+    variables = vit_interop.convert(name, sd, model)
+    back = vit_interop.convert(name, vit_interop.to_state_dict(variables), model)
+    jax.tree.map(np.testing.assert_array_equal, back, variables)  # and back to timm's names
+    logits, taps = apply(variables, jnp.asarray(images))
+    for got, expected in zip([logits, *taps], want, strict=True):
+      np.testing.assert_allclose(np.asarray(got), expected, rtol=0,
+                                 atol=1e-4 * float(np.abs(expected).max()),
+                                 err_msg=f'narrow {name}, {layout} names')
+
+
+@pytest.mark.parametrize('name, params, grid, width, depth',
+                         [('vit_l16', 304_326_632, 14, 1024, 24),
+                          ('vit_h14', 632_045_800, 16, 1280, 32)])
+def test_foundation_vits_at_full_size_have_timms_parameter_count_and_tap_shapes(
+    name, params, grid, width, depth):
+  """Shapes only (nothing is allocated): at 1000 classes the parameter count of timm's
+  vit_large_patch16_224 / vit_huge_patch14_224, and one grid x grid x width tap per block."""
+  model = models.create(name, 1000)
+  images = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                             images)
+  assert sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables['params'])) == params
+  logits, taps = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+  assert logits.shape == (2, 1000)
+  assert [t.shape for t in taps] == [(2, grid, grid, width)] * depth
+  assert len(model.taps()) == depth
 
 
 def timm_names(hf):

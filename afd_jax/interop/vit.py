@@ -109,8 +109,9 @@ def _check_distillation_token(name: str, model, sd: Mapping[str, np.ndarray]) ->
                    f'DeiTForImageClassificationWithTeacher): use {other!r} for them.')
 
 
-def convert(name: str, sd: Mapping[str, np.ndarray]):
-  """A timm or transformers ViT / DeiT state_dict -> `{'params': ...}` for zoo model `name`."""
+def convert(name: str, sd: Mapping[str, np.ndarray], model=None):
+  """A timm or transformers ViT / DeiT state_dict -> `{'params': ...}` for zoo model `name`
+  (or for `model`, a `ViT` / `DeiT` of other sizes, such as a narrow copy of a large one)."""
   if is_hugging_face(sd):
     sd, layout = hugging_face_to_timm(sd), f"transformers' {_hugging_face_class(sd)}"
   else:
@@ -118,7 +119,7 @@ def convert(name: str, sd: Mapping[str, np.ndarray]):
   sd = {k: np.asarray(v) for k, v in sd.items()}
   num_classes = int(sd['head.weight'].shape[0]) if 'head.weight' in sd else 1
   channels = int(sd['patch_embed.proj.weight'].shape[1]) if 'patch_embed.proj.weight' in sd else 3
-  model = models.create(name, num_classes)
+  model = models.create(name, num_classes) if model is None else model
   _check_distillation_token(name, model, sd)
   images = jnp.zeros((1, model.image_size, model.image_size, channels), jnp.float32)
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, train=False))

@@ -33,4 +33,6 @@ class DeiT(vit.ViT):
     return logits if train else (logits + dist) / 2
 
 
-CONFIGS = {'deit_' + name[len('vit_'):]: options for name, options in vit.CONFIGS.items()}
+# DeiT's sizes (Ti, S, B; DeiT has no L or H) and the zoo's small-image ones.
+CONFIGS = {'deit_' + name[len('vit_'):]: options for name, options in vit.CONFIGS.items()
+           if name not in ('vit_l16', 'vit_h14')}

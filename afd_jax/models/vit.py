@@ -1,5 +1,7 @@
 """Vision Transformers (Dosovitskiy et al. 2021) with timm's layout: `vit_ti16`, `vit_s16`,
-`vit_b16` (16x16 patches, class token, 224x224 by default), `vit_mini4` (patch 4, for 32x32
+`vit_b16`, `vit_l16` (16x16 patches, class token, 224x224 by default; timm's
+`vit_large_patch16_224`: 304M parameters), `vit_h14` (14x14 patches, timm's
+`vit_huge_patch14_224`: 632M), `vit_mini4` (patch 4, for 32x32
 and 28x28 images) and `vit_micro4` (patch 4, width 64, 4 blocks, 28x28 by default: small enough
 to train on a CPU).
 
@@ -157,6 +159,8 @@ CONFIGS = {
     'vit_ti16': dict(patch=16, dim=192, depth=12, heads=3, mlp_dim=768),
     'vit_s16': dict(patch=16, dim=384, depth=12, heads=6, mlp_dim=1536),
     'vit_b16': dict(patch=16, dim=768, depth=12, heads=12, mlp_dim=3072),
+    'vit_l16': dict(patch=16, dim=1024, depth=24, heads=16, mlp_dim=4096),
+    'vit_h14': dict(patch=14, dim=1280, depth=32, heads=16, mlp_dim=5120),
     'vit_mini4': dict(patch=4, dim=192, depth=6, heads=3, mlp_dim=384, image_size=32),
     'vit_micro4': dict(patch=4, dim=64, depth=4, heads=2, mlp_dim=128, image_size=28),
 }
