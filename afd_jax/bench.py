@@ -6,8 +6,10 @@
 Prints compile time, median step time, images/s, XLA's FLOPs per step and achieved TFLOP/s,
 the collectives of the compiled step (count and payload bytes of all-reduce, all-gather,
 reduce-scatter, ... from its optimised HLO; `afd_jax.collectives`), the operations it launches
-(`hlo ops`: `collectives.top_level_ops`, a measure of a launch-bound accelerator's cost), and
-peak device memory where the backend reports it. `--devices N` runs on N fake CPU devices (to
+(`hlo ops`: `collectives.top_level_ops`, a measure of a launch-bound accelerator's cost), per
+device the bytes of the teacher's and the student's parameters (`param_bytes_per_device`) and
+XLA's memory analysis of the step (`memory_per_device`: argument, output, temporary and aliased
+bytes), and peak device memory where the backend reports it. `--devices N` runs on N fake CPU devices (to
 see the communication of an N-device step on one machine); by default, all devices of the backend.
 `--method all` (the default) times ce, kd and afd in one process, interleaving them in rounds so
 that machine noise hits all alike, and prints the ratios afd/kd and kd/ce; `--method kd,crd,...`
@@ -105,6 +107,9 @@ class Case:
     self.flops = flops_of(self.compiled)
     self.collectives = collectives.summary(self.compiled)
     self.hlo_ops = collectives.launch_count(self.compiled)
+    self.param_bytes = {'teacher': bytes_per_device(self.teacher_vars),
+                        'student': bytes_per_device(self.state.params['student'])}
+    self.memory = xla_memory(self.compiled)
     self.times: List[float] = []
 
   def first_step_metrics(self):
@@ -150,6 +155,27 @@ def flops_of(compiled) -> float:
     return float('nan')
 
 
+def bytes_per_device(tree) -> int:
+  """Bytes of `tree`'s `params` (or of the tree) that one device holds: each array's shard."""
+  if tree is None:
+    return 0
+  tree = tree.get('params', tree) if isinstance(tree, dict) else tree
+  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def xla_memory(compiled) -> Dict[str, int]:
+  """XLA's memory analysis of the compiled step, per device: its arguments, outputs, temporary
+  buffers and the argument bytes aliased to outputs (the donated state); {} if not reported."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return {}
+  return {'argument_bytes': int(analysis.argument_size_in_bytes),
+          'output_bytes': int(analysis.output_size_in_bytes),
+          'temp_bytes': int(analysis.temp_size_in_bytes),
+          'alias_bytes': int(analysis.alias_size_in_bytes)}
+
+
 def peak_memory_bytes():
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get('peak_bytes_in_use')
@@ -161,7 +187,8 @@ def summarize(case: Case, batch: int) -> Dict[str, float]:
           'images_per_s': batch / median, 'gflops_per_step': case.flops / 1e9,
           'tflops_per_s': case.flops / median / 1e12, 'steps_timed': len(case.times),
           'collectives': {k: v for k, v in case.collectives.items() if v['count'] or k == 'total'},
-          'hlo_ops': case.hlo_ops}
+          'hlo_ops': case.hlo_ops, 'param_bytes_per_device': case.param_bytes,
+          'memory_per_device': case.memory}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -302,6 +329,14 @@ def print_report(report, args) -> None:
     print(f'{r["method"]:8s} {r["compile_s"]:9.1f} {r["median_step_ms"]:9.1f} '
           f'{r["images_per_s"]:9.0f} {r["gflops_per_step"]:11.2f} {r["tflops_per_s"]:8.3f} '
           f'{total["count"]:11d} {total["bytes"] / 1e6:7.2f} {r["hlo_ops"]:8d}')
+  mib = lambda n: f'{n / 2**20:.1f}'
+  for r in results:
+    params, memory = r['param_bytes_per_device'], r['memory_per_device']
+    print(f'{r["method"]}: per device, parameters teacher {mib(params["teacher"])} MiB, student '
+          f'{mib(params["student"])} MiB'
+          + (f'; XLA: arguments {mib(memory["argument_bytes"])}, outputs '
+             f'{mib(memory["output_bytes"])}, temporaries {mib(memory["temp_bytes"])} MiB'
+             if memory else ''))
   if report['peak_memory_bytes']:
     print(f'peak device memory: {report["peak_memory_bytes"] / 2**30:.2f} GiB')
   for key in [f'{m}_over_kd' for m in distill.registry.registered()] + ['kd_over_ce']:

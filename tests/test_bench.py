@@ -1,7 +1,8 @@
 """The benchmark runs where only jax, flax, optax and numpy are installed (TensorFlow, TFDS,
 ml_collections, clu, orbax and torch are made unimportable): its default methods (ce, kd,
 afd), its table, the collectives of global and grouped batch norm, the operations a step
-launches (`collectives.top_level_ops`), and its refusal of bad arguments."""
+launches (`collectives.top_level_ops`), the parameter bytes per device and XLA's memory
+analysis, and its refusal of bad arguments."""
 import json
 import subprocess
 import sys
@@ -18,6 +19,10 @@ RUN_WITHOUT = (
     '  sys.modules[name] = None  # any import of it raises ImportError\n'
     'from afd_jax import bench\n'
     'sys.exit(bench.main(sys.argv[1:]))\n')
+
+
+# resnet8 with 10 classes: test_models.py's 83,892 at 100 classes, less 90 x (64 + 1).
+RESNET8_PARAMETERS_10_CLASSES = 83892 - 90 * 65
 
 
 def bench(*args):
@@ -40,6 +45,13 @@ def test_bench_runs_its_default_methods_without_tensorflow_or_ml_collections():
   ce, kd, afd = (r['hlo_ops'] for r in report['results'])
   assert afd > kd > ce > 0  # KD adds the teacher's forward, AFD its attention module
   assert report['batch'] == 8 and report['dtype'] == 'float32'
+  resnet8 = RESNET8_PARAMETERS_10_CLASSES * 4  # float32 bytes, one device holds them all
+  assert [r['param_bytes_per_device'] for r in report['results']] == [
+      {'teacher': 0, 'student': resnet8}] + [{'teacher': resnet8, 'student': resnet8}] * 2
+  for r in report['results']:  # the donated state is an argument aliased to an output
+    memory = r['memory_per_device']
+    assert memory['argument_bytes'] >= memory['alias_bytes'] >= r['param_bytes_per_device']['student']
+    assert memory['output_bytes'] > 0 and memory['temp_bytes'] > 0
 
 
 def test_bench_prints_a_table_and_counts_the_collectives_of_global_and_grouped_batch_norm():
@@ -58,6 +70,9 @@ def test_bench_prints_a_table_and_counts_the_collectives_of_global_and_grouped_b
   assert int(kd_row[6]) >= 18  # resnet8's 9 batch norms, forward and backward
   assert int(at_row[8]) > int(kd_row[8]) > 0  # AT's attention maps and loss on top of KD
   assert any(l.startswith('at/kd: ') for l in lines)
+  mib = f'{RESNET8_PARAMETERS_10_CLASSES * 4 / 2**20:.1f}'  # replicated: all on each device
+  assert any(l.startswith(f'kd: per device, parameters teacher {mib} MiB, student {mib} MiB; '
+                          'XLA: arguments ') for l in lines)
   result = bench(*common, '--bn-group-size', '2', '--vs-global-bn', '--method', 'kd', '--json')
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report['devices'] == 4 and report['bn_group_size'] == 2
