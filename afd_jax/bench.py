@@ -1,7 +1,8 @@
 """Benchmark of the training step on synthetic data: the very step the trainer runs.
 
   python -m afd_jax.bench --teacher wrn40x2 --student wrn16x2 --batch 64 --method all \
-      --dtype float32 --steps 30 [--bn-group-size 8] [--devices 8] [--json]
+      --dtype float32 --steps 30 [--bn-group-size 8] [--devices 8] [--mesh 2,4 --shard-teacher]
+      [--json]
 
 Prints compile time, median step time, images/s, XLA's FLOPs per step and achieved TFLOP/s,
 the collectives of the compiled step (count and payload bytes of all-reduce, all-gather,
@@ -11,6 +12,8 @@ device the bytes of the teacher's and the student's parameters (`param_bytes_per
 XLA's memory analysis of the step (`memory_per_device`: argument, output, temporary and aliased
 bytes), and peak device memory where the backend reports it. `--devices N` runs on N fake CPU devices (to
 see the communication of an N-device step on one machine); by default, all devices of the backend.
+`--mesh D,M` gives the (data, model) mesh and `--shard-teacher` splits the teacher's weights over
+its model axis (`config.teacher.shard`).
 `--method all` (the default) times ce, kd and afd in one process, interleaving them in rounds so
 that machine noise hits all alike, and prints the ratios afd/kd and kd/ce; `--method kd,crd,...`
 times any registered methods the same way. Needs only jax, flax, optax and numpy (no TensorFlow).
@@ -29,6 +32,7 @@ import numpy as np
 
 from afd_jax import cli, collectives, distill, models, sharding, step
 from afd_jax import task as task_lib
+from afd_jax.errors import UserError
 
 # The step's speed in the dtypes one trains in (float64 is a mode for checking numerics).
 DTYPES = {name: task_lib.DTYPES[name] for name in ('float32', 'bfloat16')}
@@ -87,10 +91,13 @@ class Case:
                                       num_train_examples=50000)
     rep = sharding.replicated(mesh)
     images = jnp.zeros((2,) + shape)
-    self.teacher_vars = None
+    self.teacher_vars, placement = None, None
     if self.task.teacher is not None:
-      self.teacher_vars = jax.device_put(jax.jit(
-          lambda k: self.task.teacher.init(k, images, train=False))(jax.random.PRNGKey(1)), rep)
+      teacher_init = jax.jit(lambda k: self.task.teacher.init(k, images, train=False))
+      abstract = jax.eval_shape(teacher_init, jax.random.PRNGKey(1))
+      placement = sharding.fsdp(abstract, mesh) if args.shard_teacher else None
+      self.teacher_vars = jax.jit(teacher_init, out_shardings=placement or rep)(
+          jax.random.PRNGKey(1))
     init = step.jit_init_state(self.task, mesh, shape, jax.eval_shape(lambda: self.teacher_vars)
                                if self.teacher_vars is not None else None)
     self.init = init
@@ -100,7 +107,7 @@ class Case:
         {'image': rng.normal(size=(args.batch,) + shape).astype(np.float32),
          'label': rng.integers(0, args.num_classes, args.batch).astype(np.int32),
          'index': rng.permutation(50000)[:args.batch].astype(np.int32)}, mesh)
-    jitted = step.jit_train_step(self.task, mesh)
+    jitted = step.jit_train_step(self.task, mesh, placement)
     start = time.perf_counter()
     self.compiled = jitted.lower(self.state, self.teacher_vars, self.batch).compile()
     self.compile_seconds = time.perf_counter() - start
@@ -214,6 +221,11 @@ def make_parser() -> argparse.ArgumentParser:
                            'norm, interleaved in the same rounds, and report grouped/global')
   parser.add_argument('--devices', type=int, default=0,
                       help='N fake CPU devices (default: every device of the default backend)')
+  parser.add_argument('--mesh', default='',
+                      help="DATA,MODEL: the mesh's shape (default: every device on data)")
+  parser.add_argument('--shard-teacher', action='store_true',
+                      help="split the teacher's weights over the mesh's model axis "
+                           '(config.teacher.shard)')
   parser.add_argument('--steps', type=int, default=30, help='timed steps per method')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--rounds', type=int, default=5, help='interleaved rounds (--method all)')
@@ -245,7 +257,11 @@ def parse_args(argv):
     parser.error('--vs-global-bn compares against --bn-group-size k > 0; give one')
   if args.devices:
     use_cpu_devices(parser, args.devices)
-  mesh = sharding.make_mesh((-1, 1))
+  try:
+    shape = tuple(int(n) for n in args.mesh.split(',')) if args.mesh else (-1, 1)
+    mesh = sharding.make_mesh(shape)
+  except (ValueError, UserError) as e:
+    parser.error(f'--mesh {args.mesh}: {e}')
   if args.batch % mesh.shape[sharding.DATA]:
     parser.error(f'--batch {args.batch} must divide by the {mesh.shape[sharding.DATA]} devices')
   methods = ('ce', 'kd', 'afd') if args.method == 'all' else tuple(args.method.split(','))

@@ -1,7 +1,8 @@
 """Devices and data placement: the mesh, shardings, host-local -> global arrays, multi-host start.
 
-The mesh has two named axes, `data` (the batch is split along it) and `model` (reserved for
-sharding a large teacher's parameters; size 1 today). State is replicated. Because the batch is
+The mesh has two named axes, `data` (the batch is split along it) and `model`, over which a
+large teacher's parameters can be split (`config.teacher.shard`: `fsdp`); the train state is
+replicated. Because the batch is
 one global array, batch-norm statistics are means over the *global* batch: synchronised BN,
 unless `config.bn_group_size` groups them (layers.batch_norm_groups), which with groups inside
 the per-device batch needs no communication.
@@ -71,6 +72,28 @@ def make_mesh(mesh_shape: Sequence[int]) -> Mesh:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def fsdp(tree: Any, mesh: Mesh, what: str = 'the teacher') -> Any:
+  """NamedShardings for `tree`'s arrays (or their shapes), FSDP-style over the `model` axis:
+  each split along its largest dimension that the axis size divides (the first of equal ones),
+  the rest replicated. Inside a jitted step XLA gathers each weight where a layer needs it.
+  Raises UserError if the axis is larger than 1 and divides no dimension of any array."""
+  n = mesh.shape[MODEL]
+
+  def spec(x):
+    dims = sorted(range(len(x.shape)), key=lambda d: -x.shape[d])
+    split = next((d for d in dims if n > 1 and x.shape[d] % n == 0), None)
+    if split is None:
+      return NamedSharding(mesh, P())
+    return NamedSharding(mesh, P(*[MODEL if d == split else None for d in range(len(x.shape))]))
+
+  shardings = jax.tree.map(spec, tree)
+  if n > 1 and all(s.spec == P() for s in jax.tree.leaves(shardings)):
+    raise UserError(f'the mesh\'s model axis ({n} devices) divides no dimension of any weight of '
+                    f'{what}, so nothing would be sharded: choose a mesh_shape whose model size '
+                    'divides its widths.')
+  return shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -312,25 +312,28 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
   return eval_step
 
 
-def jit_step(make: Callable[[Task], Step], task: Task, mesh: Mesh):
+def jit_step(make: Callable[[Task], Step], task: Task, mesh: Mesh, teacher_sharding=None):
   """`make(task)`'s step compiled for `mesh`: batch split on `data`, state replicated and
-  donated. Teacher variables are replicated and never donated."""
+  donated. Teacher variables are never donated; they are replicated, or placed as
+  `teacher_sharding` says (`sharding.fsdp`)."""
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(make(task), in_shardings=(rep, rep, data), out_shardings=(rep, rep),
+  teacher = rep if teacher_sharding is None else teacher_sharding
+  return jax.jit(make(task), in_shardings=(rep, teacher, data), out_shardings=(rep, rep),
                  donate_argnums=(0,))
 
 
-def jit_train_step(task: Task, mesh: Mesh):
-  return jit_step(make_train_step, task, mesh)
+def jit_train_step(task: Task, mesh: Mesh, teacher_sharding=None):
+  return jit_step(make_train_step, task, mesh, teacher_sharding)
 
 
-def jit_pretrain_step(task: Task, mesh: Mesh):
-  return jit_step(make_pretrain_step, task, mesh)
+def jit_pretrain_step(task: Task, mesh: Mesh, teacher_sharding=None):
+  return jit_step(make_pretrain_step, task, mesh, teacher_sharding)
 
 
-def jit_eval_step(model: nn.Module, mesh: Mesh):
+def jit_eval_step(model: nn.Module, mesh: Mesh, variables_sharding=None):
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(make_eval_step(model), in_shardings=(rep, data), out_shardings=rep)
+  variables = rep if variables_sharding is None else variables_sharding
+  return jax.jit(make_eval_step(model), in_shardings=(variables, data), out_shardings=rep)
 
 
 def jit_init_state(task: Task, mesh: Mesh, image_shape, teacher_abstract=None):

@@ -5,14 +5,12 @@ training, or a student from scratch) or distils a frozen teacher into a student.
 """
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import os
 import time
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
@@ -21,6 +19,7 @@ from afd_jax import checkpoint, data, distill, metrics, run_guard, sharding, ste
 from afd_jax import task as task_lib
 from afd_jax import weights
 from afd_jax.errors import UserError, warn
+from afd_jax.evaluation import EvalBatches, evaluate, evaluate_student
 from afd_jax.state import student_variables
 
 DTYPES = task_lib.DTYPES
@@ -116,7 +115,7 @@ class _Setup:
   fingerprint: Dict[str, Any]
   own_checkpoints: bool     # the workdir has checkpoints of this run: resume from them
   teacher_vars: Any         # None unless distilling
-  eval_batches: 'EvalBatches'
+  eval_batches: EvalBatches
 
   @property
   def distil(self) -> bool:
@@ -147,11 +146,17 @@ def _prepare(config, workdir: str) -> _Setup:
   own = _check_resumable(config, workdir, fingerprint)
   teacher_vars = None
   if distil:
-    teacher_vars = jax.device_put(task_lib.cast_floats(
-        weights.load_teacher(config, task.teacher, info.num_classes, info.image_shape),
-        task.param_dtype), sharding.replicated(mesh))
+    teacher_vars = task_lib.cast_floats(weights.load_teacher(
+        config, task.teacher, info.num_classes, info.image_shape), task.param_dtype)
+    teacher_vars = jax.device_put(teacher_vars, sharding.fsdp(teacher_vars, mesh) if config.teacher
+                                  .get('shard', False) else sharding.replicated(mesh))
   return _Setup(config, workdir, mesh, info, task, steps_per_epoch, total_steps, fingerprint,
                 own, teacher_vars, EvalBatches(config, info))
+
+
+def _placement(variables):
+  """The shardings of placed variables (replicated, or split: `config.teacher.shard`)."""
+  return None if variables is None else jax.tree.map(lambda x: x.sharding, variables)
 
 
 def _check_resumable(config, workdir: str, fingerprint: Dict[str, Any]) -> bool:
@@ -228,8 +233,8 @@ def _evaluate_teacher(s: _Setup, writer: metrics.Writer,
   """The teacher's eval metrics (None without a teacher), logged at `start_step`."""
   if not s.distil:
     return None
-  out = evaluate(step.jit_eval_step(s.task.teacher, s.mesh), s.teacher_vars, s.eval_batches,
-                 s.mesh)
+  out = evaluate(step.jit_eval_step(s.task.teacher, s.mesh, _placement(s.teacher_vars)),
+                 s.teacher_vars, s.eval_batches, s.mesh)
   writer.console(f'teacher {s.config.teacher.name}: top1 {out["top1"]:.2f} '
                  f'top5 {out["top5"]:.2f}')
   writer.scalars(start_step, {'teacher/top1': out['top1']})
@@ -251,8 +256,10 @@ class _StepLoop:
     self.setup, self.ckpts, self.writer = s, ckpts, writer
     self.earlier_train_time = earlier_train_time
     task, mesh, config = s.task, s.mesh, s.config
-    self.train_step = step.jit_train_step(task, mesh)
-    self.pretrain_step = step.jit_pretrain_step(task, mesh) if task.pretrain is not None else None
+    placed = _placement(s.teacher_vars)
+    self.train_step = step.jit_train_step(task, mesh, placed)
+    self.pretrain_step = (step.jit_pretrain_step(task, mesh, placed)
+                          if task.pretrain is not None else None)
     self.eval_student = step.jit_eval_step(task.student, mesh)
     epoch_ends = set(range(s.steps_per_epoch, s.total_steps, s.steps_per_epoch)) | {s.total_steps}
     every_save = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else None
@@ -411,66 +418,6 @@ def make_task(config, info: data.DatasetInfo, steps_per_epoch: int) -> task_lib.
   except (ValueError, TypeError) as e:  # a factory's kwargs, taps that match nothing, a grid
     raise UserError(str(e)) from None
   return task
-
-
-EVAL_IN_MEMORY_BYTES = 1 << 30  # a process's eval share up to this size is read once, then kept
-
-
-class EvalBatches:
-  """This process's eval batches (`data.eval_iterator`), the same ones at every pass: kept as
-  host arrays after the first pass where they take at most EVAL_IN_MEMORY_BYTES, else read
-  again from the deterministic pipeline at each pass."""
-
-  def __init__(self, config, info: data.DatasetInfo):
-    processes = jax.process_count()
-    self._read = functools.partial(data.eval_iterator, config, info,
-                                   process_index=jax.process_index(), process_count=processes)
-    examples = (data.num_eval_batches(config, info, processes)
-                * data.local_batch_size(config.eval_batch_size, processes, 'eval_batch_size'))
-    # float32 images, an int32 label and a float32 mask per example
-    self._keep = examples * (4 * int(np.prod(info.image_shape)) + 8) <= EVAL_IN_MEMORY_BYTES
-    self._kept = None
-
-  def __iter__(self) -> Iterator[dict]:
-    if self._kept is not None:
-      return iter(self._kept)
-    return self._read_and_keep() if self._keep else self._read()
-
-  def _read_and_keep(self) -> Iterator[dict]:
-    batches = []
-    for batch in self._read():
-      batches.append(batch)
-      yield batch
-    self._kept = batches  # a whole pass only
-
-
-@jax.jit
-def _add_sums(totals, sums):
-  return jax.tree.map(jnp.add, totals, sums)
-
-
-def evaluate(eval_step, variables, batches: EvalBatches, mesh) -> Dict[str, float]:
-  """Top-1/top-5 (%) and loss over every eval example exactly once. The sums stay on the
-  devices (one compiled add a batch, dispatched without waiting) and are fetched at the end."""
-  totals = None
-  for batch in batches:
-    sums = eval_step(variables, sharding.global_batch(batch, mesh))
-    totals = sums if totals is None else _add_sums(totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
-  return {'top1': 100 * float(totals['correct1']) / count,
-          'top5': 100 * float(totals['correct5']) / count,
-          'loss': float(totals['loss_sum']) / count, 'count': int(totals['count'])}
-
-
-def evaluate_student(eval_step, state, batches: EvalBatches, mesh) -> Dict[str, float]:
-  """`evaluate` of the student; where the run keeps a moving average of it, also of that
-  (`ema_top1`, `ema_top5`, `ema_loss`)."""
-  out = evaluate(eval_step, student_variables(state), batches, mesh)
-  if state.ema:
-    ema = evaluate(eval_step, state.ema, batches, mesh)
-    out.update({f'ema_{k}': v for k, v in ema.items() if k != 'count'})
-  return out
 
 
 def save_attention(workdir, step_count, mean_attention, student, teacher, config,

@@ -68,6 +68,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.teacher.dtype = ''           # the teacher's activations: '' = config.dtype | float32 | bfloat16
   c.teacher.mean = ()            # the input statistics the teacher was trained with; () = the
   c.teacher.std = ()             # dataset's: the step re-normalises the teacher's input to them
+  c.teacher.shard = False        # split the teacher's weights over the mesh's model axis
+                                 # (FSDP-style, sharding.fsdp) instead of replicating them
   _model_options(c.teacher)
 
   c.student = ml_collections.ConfigDict()

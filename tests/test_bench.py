@@ -87,11 +87,30 @@ def test_bench_prints_a_table_and_counts_the_collectives_of_global_and_grouped_b
       report['results'][0]['median_step_ms'] / global_kd['median_step_ms'])
 
 
+def test_bench_shards_the_teacher_over_the_model_axis_of_its_mesh():
+  """--mesh 2,4 --shard-teacher on 8 fake devices: a device holds under 0.3x of resnet14's
+  parameter bytes (split four ways, small arrays that 4 does not divide replicated), and all
+  of the replicated student's."""
+  result = bench('--teacher', 'resnet14', '--student', 'resnet8', '--batch', '8', '--devices',
+                 '8', '--mesh', '2,4', '--shard-teacher', '--image-size', '8', '--num-classes',
+                 '10', '--steps', '1', '--rounds', '1', '--warmup', '1', '--method', 'kd',
+                 '--json')
+  (kd,) = json.loads(result.stdout.strip().splitlines()[-1])['results']
+  resnet14 = (181108 - 90 * 65) * 4  # test_models.py's count at 100 classes, less 90 x (64 + 1)
+  assert 0 < kd['param_bytes_per_device']['teacher'] <= 0.3 * resnet14
+  assert kd['param_bytes_per_device']['student'] == RESNET8_PARAMETERS_10_CLASSES * 4
+
+
 def test_bench_rejects_bad_arguments():
   result = subprocess.run([sys.executable, '-c', RUN_WITHOUT, '--method', 'crdd'],
                           capture_output=True, text=True, timeout=120, env=runs.env(),
                           cwd=runs.REPO)
   assert result.returncode == 2 and "unknown method(s) ['crdd']" in result.stderr
+  result = subprocess.run([sys.executable, '-c', RUN_WITHOUT, '--devices', '8', '--mesh', '3,4'],
+                          capture_output=True, text=True, timeout=120, env=runs.env(),
+                          cwd=runs.REPO)
+  assert result.returncode == 2
+  assert '--mesh 3,4: mesh_shape (3, 4) needs 12 devices, there are 8.' in result.stderr
 
 
 # A module with a fused computation called twice, a while loop in ENTRY whose body runs a while

@@ -86,6 +86,18 @@ def afd8():
   return task, mesh, step.jit_train_step(task, mesh)
 
 
+def assert_params_agree(params_a, params_b, start, moved_at_least=0.1):
+  """Each parameter of two runs from `start` agrees to 1e-4 of how far the steps moved it
+  (+1e-6 for leaves whose exact gradient is zero), and the steps did move the parameters."""
+  max_diff = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max())
+  diff = jax.tree.map(max_diff, params_a, params_b)
+  moved = jax.tree.map(max_diff, params_a, start)
+  excess = jax.tree.map(lambda d, m: d - (1e-4 * m + 1e-6), diff, moved)
+  worst = max(jax.tree_util.tree_leaves_with_path(excess), key=lambda kv: kv[1])
+  assert worst[1] <= 0, (jax.tree_util.keystr(worst[0]), worst[1])
+  assert max(jax.tree.leaves(moved)) > moved_at_least
+
+
 def assert_eight_devices_equal_one_device(task, batches, train_step8=None):
   """Same steps on 1 and 8 devices. Only float32 summation order may differ (per-shard
   partial sums of the batch statistics and gradients), so each parameter must agree to 1e-4 of
@@ -100,13 +112,8 @@ def assert_eight_devices_equal_one_device(task, batches, train_step8=None):
   for a, b in zip(h1, h8):
     for k in ('loss', 'ce', 'kd', 'afd'):
       np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+  assert_params_agree(s1.params, s8.params, init)
   max_diff = lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max())
-  diff = jax.tree.map(max_diff, s1.params, s8.params)
-  moved = jax.tree.map(max_diff, s1.params, init)
-  excess = jax.tree.map(lambda d, m: d - (1e-4 * m + 1e-6), diff, moved)
-  worst = max(jax.tree_util.tree_leaves_with_path(excess), key=lambda kv: kv[1])
-  assert worst[1] <= 0, (jax.tree_util.keystr(worst[0]), worst[1])
-  assert max(jax.tree.leaves(moved)) > 0.1  # the steps did move the parameters
   # Running statistics (variances reach ~4 here): relative to their magnitude.
   rel = jax.tree.map(lambda a, b: max_diff(a, b) / max(float(np.abs(a).max()), 1.0),
                      s1.batch_stats, s8.batch_stats)
