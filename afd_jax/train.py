@@ -148,8 +148,9 @@ def _prepare(config, workdir: str) -> _Setup:
   if distil:
     teacher_vars = task_lib.cast_floats(weights.load_teacher(
         config, task.teacher, info.num_classes, info.image_shape), task.param_dtype)
-    teacher_vars = jax.device_put(teacher_vars, sharding.fsdp(teacher_vars, mesh) if config.teacher
-                                  .get('shard', False) else sharding.replicated(mesh))
+    placement = (sharding.fsdp(teacher_vars, mesh) if config.teacher.get('shard', False)
+                 else sharding.replicated(mesh))
+    teacher_vars = jax.device_put(teacher_vars, placement)
   return _Setup(config, workdir, mesh, info, task, steps_per_epoch, total_steps, fingerprint,
                 own, teacher_vars, EvalBatches(config, info))
 
