@@ -1,19 +1,21 @@
 """Benchmark of the training step on synthetic data: the very step the trainer runs.
 
   python -m afd_jax.bench --teacher wrn40x2 --student wrn16x2 --batch 64 --method all \
-      --dtype float32 --steps 30 [--bn-group-size 8] [--devices 8] [--mesh 2,4 --shard-teacher]
-      [--json]
+      --dtype float32 --steps 30 [--bn-group-size 8] [--devices 8] [--mesh 2,4 --shard-teacher
+      --shard-student] [--json]
 
 Prints compile time, median step time, images/s, XLA's FLOPs per step and achieved TFLOP/s,
 the collectives of the compiled step (count and payload bytes of all-reduce, all-gather,
 reduce-scatter, ... from its optimised HLO; `afd_jax.collectives`), the operations it launches
 (`hlo ops`: `collectives.top_level_ops`, a measure of a launch-bound accelerator's cost), per
-device the bytes of the teacher's and the student's parameters (`param_bytes_per_device`) and
+device the bytes of the teacher's and the student's parameters and of the whole train state
+(`param_bytes_per_device`: `teacher`, `student`, `train_state`) and
 XLA's memory analysis of the step (`memory_per_device`: argument, output, temporary and aliased
 bytes), and peak device memory where the backend reports it. `--devices N` runs on N fake CPU devices (to
 see the communication of an N-device step on one machine); by default, all devices of the backend.
-`--mesh D,M` gives the (data, model) mesh and `--shard-teacher` splits the teacher's weights over
-its model axis (`config.teacher.shard`).
+`--mesh D,M` gives the (data, model) mesh; `--shard-teacher` splits the teacher's weights over
+its model axis (`config.teacher.shard`), `--shard-student` the train state
+(`config.student.shard`).
 `--method all` (the default) times ce, kd and afd in one process, interleaving them in rounds so
 that machine noise hits all alike, and prints the ratios afd/kd and kd/ce; `--method kd,crd,...`
 times any registered methods the same way. Needs only jax, flax, optax and numpy (no TensorFlow).
@@ -98,8 +100,12 @@ class Case:
       placement = sharding.fsdp(abstract, mesh) if args.shard_teacher else None
       self.teacher_vars = jax.jit(teacher_init, out_shardings=placement or rep)(
           jax.random.PRNGKey(1))
-    init = step.jit_init_state(self.task, mesh, shape, jax.eval_shape(lambda: self.teacher_vars)
-                               if self.teacher_vars is not None else None)
+    teacher_abstract = (jax.eval_shape(lambda: self.teacher_vars)
+                        if self.teacher_vars is not None else None)
+    state_placement = (sharding.fsdp(step.abstract_state(self.task, shape, teacher_abstract),
+                                     mesh, "the student's train state")
+                       if args.shard_student else None)
+    init = step.jit_init_state(self.task, mesh, shape, teacher_abstract, state_placement)
     self.init = init
     self.state = init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
@@ -107,7 +113,7 @@ class Case:
         {'image': rng.normal(size=(args.batch,) + shape).astype(np.float32),
          'label': rng.integers(0, args.num_classes, args.batch).astype(np.int32),
          'index': rng.permutation(50000)[:args.batch].astype(np.int32)}, mesh)
-    jitted = step.jit_train_step(self.task, mesh, placement)
+    jitted = step.jit_train_step(self.task, mesh, placement, state_placement)
     start = time.perf_counter()
     self.compiled = jitted.lower(self.state, self.teacher_vars, self.batch).compile()
     self.compile_seconds = time.perf_counter() - start
@@ -115,7 +121,8 @@ class Case:
     self.collectives = collectives.summary(self.compiled)
     self.hlo_ops = collectives.launch_count(self.compiled)
     self.param_bytes = {'teacher': bytes_per_device(self.teacher_vars),
-                        'student': bytes_per_device(self.state.params['student'])}
+                        'student': bytes_per_device(self.state.params['student']),
+                        'train_state': bytes_per_device(self.state)}
     self.memory = xla_memory(self.compiled)
     self.times: List[float] = []
 
@@ -226,6 +233,9 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument('--shard-teacher', action='store_true',
                       help="split the teacher's weights over the mesh's model axis "
                            '(config.teacher.shard)')
+  parser.add_argument('--shard-student', action='store_true',
+                      help="split the train state (student, distiller, optimizer state) over "
+                           "the mesh's model axis (config.student.shard)")
   parser.add_argument('--steps', type=int, default=30, help='timed steps per method')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--rounds', type=int, default=5, help='interleaved rounds (--method all)')
@@ -349,7 +359,7 @@ def print_report(report, args) -> None:
   for r in results:
     params, memory = r['param_bytes_per_device'], r['memory_per_device']
     print(f'{r["method"]}: per device, parameters teacher {mib(params["teacher"])} MiB, student '
-          f'{mib(params["student"])} MiB'
+          f'{mib(params["student"])} MiB, train state {mib(params["train_state"])} MiB'
           + (f'; XLA: arguments {mib(memory["argument_bytes"])}, outputs '
              f'{mib(memory["output_bytes"])}, temporaries {mib(memory["temp_bytes"])} MiB'
              if memory else ''))

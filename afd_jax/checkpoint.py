@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
 
 from afd_jax.distill import registry
 from afd_jax.errors import DiskFull, UserError, verbose, warn
@@ -186,8 +187,11 @@ def _older_distiller_layout(saved) -> Optional[registry.OlderLayout]:
 
 
 def _older_shapes(layout: registry.OlderLayout, collection):
-  """The restore target of a distiller collection in `layout`, placed as the collection is."""
+  """The restore target of a distiller collection in `layout`: replicated on the collection's
+  mesh (its arrays have other shapes than the collection's, which may be split)."""
   sharding = getattr(jax.tree.leaves(collection)[0], 'sharding', None)
+  if isinstance(sharding, NamedSharding):
+    sharding = NamedSharding(sharding.mesh, PartitionSpec())
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       jax.eval_shape(layout.older, collection))
 
@@ -231,6 +235,15 @@ class Checkpoints:
 
   def read_meta(self, step: int) -> Dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def read_state(self, step: int) -> Dict[str, Any]:
+    """Step `step`'s state as saved (a dict of numpy arrays), whatever mesh it was saved from:
+    read onto one local device, then fetched."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          self.manager.item_metadata(step)['state'])
+    return jax.device_get(self.manager.restore(step, args=ocp.args.Composite(
+        state=restore_args(target)))['state'])
 
   def save(self, step: int, state, meta: Dict[str, Any],
            metrics: Optional[Dict[str, float]] = None) -> bool:

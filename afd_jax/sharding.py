@@ -1,9 +1,9 @@
 """Devices and data placement: the mesh, shardings, host-local -> global arrays, multi-host start.
 
 The mesh has two named axes, `data` (the batch is split along it) and `model`, over which a
-large teacher's parameters can be split (`config.teacher.shard`: `fsdp`); the train state is
-replicated. Because the batch is
-one global array, batch-norm statistics are means over the *global* batch: synchronised BN,
+large teacher's parameters (`config.teacher.shard`) and the train state (`config.student.shard`)
+can be split, FSDP-style (`fsdp`); otherwise they are replicated. Because the batch is one global
+array, batch-norm statistics are means over the *global* batch: synchronised BN,
 unless `config.bn_group_size` groups them (layers.batch_norm_groups), which with groups inside
 the per-device batch needs no communication.
 """

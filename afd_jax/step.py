@@ -312,22 +312,25 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
   return eval_step
 
 
-def jit_step(make: Callable[[Task], Step], task: Task, mesh: Mesh, teacher_sharding=None):
-  """`make(task)`'s step compiled for `mesh`: batch split on `data`, state replicated and
-  donated. Teacher variables are never donated; they are replicated, or placed as
-  `teacher_sharding` says (`sharding.fsdp`)."""
+def jit_step(make: Callable[[Task], Step], task: Task, mesh: Mesh, teacher_sharding=None,
+             state_sharding=None):
+  """`make(task)`'s step compiled for `mesh`: batch split on `data`, state donated. The state is
+  replicated, or placed as `state_sharding` says (`config.student.shard`: `sharding.fsdp`);
+  teacher variables are never donated and replicated, or placed as `teacher_sharding` says
+  (`config.teacher.shard`). The metrics are replicated."""
   rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   teacher = rep if teacher_sharding is None else teacher_sharding
-  return jax.jit(make(task), in_shardings=(rep, teacher, data), out_shardings=(rep, rep),
+  state = rep if state_sharding is None else state_sharding
+  return jax.jit(make(task), in_shardings=(state, teacher, data), out_shardings=(state, rep),
                  donate_argnums=(0,))
 
 
-def jit_train_step(task: Task, mesh: Mesh, teacher_sharding=None):
-  return jit_step(make_train_step, task, mesh, teacher_sharding)
+def jit_train_step(task: Task, mesh: Mesh, teacher_sharding=None, state_sharding=None):
+  return jit_step(make_train_step, task, mesh, teacher_sharding, state_sharding)
 
 
-def jit_pretrain_step(task: Task, mesh: Mesh, teacher_sharding=None):
-  return jit_step(make_pretrain_step, task, mesh, teacher_sharding)
+def jit_pretrain_step(task: Task, mesh: Mesh, teacher_sharding=None, state_sharding=None):
+  return jit_step(make_pretrain_step, task, mesh, teacher_sharding, state_sharding)
 
 
 def jit_eval_step(model: nn.Module, mesh: Mesh, variables_sharding=None):
@@ -336,7 +339,16 @@ def jit_eval_step(model: nn.Module, mesh: Mesh, variables_sharding=None):
   return jax.jit(make_eval_step(model), in_shardings=(variables, data), out_shardings=rep)
 
 
-def jit_init_state(task: Task, mesh: Mesh, image_shape, teacher_abstract=None):
-  """`init(rng) -> TrainState`, created directly replicated on `mesh`."""
+def abstract_state(task: Task, image_shape, teacher_abstract=None):
+  """The TrainState's shapes and dtypes, computed without running anything."""
+  return jax.eval_shape(lambda rng: init_state(task, rng, image_shape, teacher_abstract),
+                        jax.random.PRNGKey(0))
+
+
+def jit_init_state(task: Task, mesh: Mesh, image_shape, teacher_abstract=None,
+                   state_sharding=None):
+  """`init(rng) -> TrainState`, created directly on `mesh`: replicated, or placed as
+  `state_sharding` says."""
   return jax.jit(lambda rng: init_state(task, rng, image_shape, teacher_abstract),
-                 out_shardings=sharding.replicated(mesh))
+                 out_shardings=sharding.replicated(mesh) if state_sharding is None
+                 else state_sharding)

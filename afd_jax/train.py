@@ -11,6 +11,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 from etils import epath
@@ -36,6 +37,8 @@ def params_sha256(tree) -> str:
   digest = hashlib.sha256()
   for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0],
                            key=lambda item: jax.tree_util.keystr(item[0])):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # split over processes
+      leaf = multihost_utils.process_allgather(leaf, tiled=True)
     leaf = np.asarray(jax.device_get(leaf))
     digest.update(jax.tree_util.keystr(path).encode())
     digest.update(f'{leaf.dtype}{leaf.shape}'.encode())
@@ -116,6 +119,7 @@ class _Setup:
   own_checkpoints: bool     # the workdir has checkpoints of this run: resume from them
   teacher_vars: Any         # None unless distilling
   eval_batches: EvalBatches
+  abstract_state: Any       # the TrainState's shapes, dtypes and shardings
 
   @property
   def distil(self) -> bool:
@@ -152,11 +156,24 @@ def _prepare(config, workdir: str) -> _Setup:
                  else sharding.replicated(mesh))
     teacher_vars = jax.device_put(teacher_vars, placement)
   return _Setup(config, workdir, mesh, info, task, steps_per_epoch, total_steps, fingerprint,
-                own, teacher_vars, EvalBatches(config, info))
+                own, teacher_vars, EvalBatches(config, info),
+                _abstract_state(config, task, mesh, info.image_shape, teacher_vars))
+
+
+def _abstract_state(config, task, mesh, image_shape, teacher_vars):
+  """The TrainState's shapes and dtypes, placed replicated, or split over the model axis with
+  `config.student.shard` (`sharding.fsdp`: parameters, optimizer state, statistics, EMA)."""
+  teacher = None if teacher_vars is None else jax.eval_shape(lambda: teacher_vars)
+  shapes = step.abstract_state(task, image_shape, teacher)
+  placement = (sharding.fsdp(shapes, mesh, "the student's train state")
+               if config.student.get('shard', False)
+               else jax.tree.map(lambda _: sharding.replicated(mesh), shapes))
+  return jax.tree.map(lambda x, p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p),
+                      shapes, placement)
 
 
 def _placement(variables):
-  """The shardings of placed variables (replicated, or split: `config.teacher.shard`)."""
+  """The shardings of placed (or abstract) arrays: replicated, or split (`config.*.shard`)."""
   return None if variables is None else jax.tree.map(lambda x: x.sharding, variables)
 
 
@@ -181,12 +198,11 @@ def _restore_or_init(s: _Setup, ckpts: checkpoint.Checkpoints,
   """The state to start from: the workdir's latest checkpoint, else `resume_from`'s, else a new
   one (its student from `student.init_checkpoint` where set); and the training time of the
   runs that led to a restored state (0 for a new one)."""
-  config, rep = s.config, sharding.replicated(s.mesh)
+  config, abstract = s.config, s.abstract_state
   init_fn = step.jit_init_state(s.task, s.mesh, s.info.image_shape,
-                                jax.eval_shape(lambda: s.teacher_vars) if s.distil else None)
+                                jax.eval_shape(lambda: s.teacher_vars) if s.distil else None,
+                                _placement(abstract))
   rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                          jax.eval_shape(init_fn, rng))
   restored = ckpts.restore_latest(abstract) if s.own_checkpoints else None
   source = f'{s.workdir} (own checkpoint)'
   if restored is None and config.resume_from:
@@ -206,14 +222,16 @@ def _restore_or_init(s: _Setup, ckpts: checkpoint.Checkpoints,
 def _with_initial_student(s: _Setup, state):
   """`state` with the student's parameters and statistics from `student.init_checkpoint`; a
   moving average of the student starts from them too."""
-  config, rep = s.config, sharding.replicated(s.mesh)
+  config, placed = s.config, _placement(s.abstract_state)
   initial = weights.load_model_variables(
       config.student.init_checkpoint, config.student.name, s.task.student, s.info.num_classes,
       s.info.image_shape, 'student.init_checkpoint', new_head_ok=True)
   initial = task_lib.cast_floats(initial, s.task.param_dtype)
   state = state.replace(
-      params={**state.params, 'student': jax.device_put(initial['params'], rep)},
-      batch_stats={**state.batch_stats, 'student': jax.device_put(initial['batch_stats'], rep)})
+      params={**state.params,
+              'student': jax.device_put(initial['params'], placed.params['student'])},
+      batch_stats={**state.batch_stats, 'student': jax.device_put(
+          initial['batch_stats'], placed.batch_stats['student'])})
   if state.ema:
     state = state.replace(ema=student_variables(state))
   return state
@@ -257,11 +275,11 @@ class _StepLoop:
     self.setup, self.ckpts, self.writer = s, ckpts, writer
     self.earlier_train_time = earlier_train_time
     task, mesh, config = s.task, s.mesh, s.config
-    placed = _placement(s.teacher_vars)
-    self.train_step = step.jit_train_step(task, mesh, placed)
-    self.pretrain_step = (step.jit_pretrain_step(task, mesh, placed)
+    teacher, placed = _placement(s.teacher_vars), _placement(s.abstract_state)
+    self.train_step = step.jit_train_step(task, mesh, teacher, placed)
+    self.pretrain_step = (step.jit_pretrain_step(task, mesh, teacher, placed)
                           if task.pretrain is not None else None)
-    self.eval_student = step.jit_eval_step(task.student, mesh)
+    self.eval_student = step.jit_eval_step(task.student, mesh, student_variables(placed))
     epoch_ends = set(range(s.steps_per_epoch, s.total_steps, s.steps_per_epoch)) | {s.total_steps}
     every_save = config.checkpoint_every_steps if config.checkpoint_every_steps > 0 else None
     saves = set(range(every_save, s.total_steps + 1, every_save)) if every_save else set()

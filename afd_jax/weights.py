@@ -7,7 +7,6 @@ from typing import Any, Dict, Tuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
 
@@ -21,13 +20,7 @@ def restore_raw_variables(workdir: str, collection_key: str = 'student') -> Tupl
   for step in reversed(ckpt.steps()):
     try:
       meta = ckpt.read_meta(step)
-      # Restore onto one local device whatever the topology it was saved from.
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            ckpt.manager.item_metadata(step)['state'])
-      state = ckpt.manager.restore(step, args=ocp.args.Composite(
-          state=checkpoint.restore_args(target)))['state']
-      state = jax.device_get(state)
+      state = ckpt.read_state(step)
       variables = {'params': state['params'][collection_key],
                    'batch_stats': state['batch_stats'][collection_key]}
       return variables, meta

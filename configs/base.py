@@ -77,6 +77,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.student.init_checkpoint = ''  # start from these weights (our workdir or a .pth); a classifier
                                  # of another class count is re-initialised (transfer learning)
   c.student.drop_path_rate = 0.0  # stochastic depth of the zoo's ViTs (DeiT: 0.1)
+  c.student.shard = False        # split the train state (student, distiller, optimizer state,
+                                 # EMA) over the mesh's model axis (sharding.fsdp); checkpoints
+                                 # restore onto any mesh shape and either setting
   _model_options(c.student)
 
   c.loss = ml_collections.ConfigDict()

@@ -46,8 +46,11 @@ def test_bench_runs_its_default_methods_without_tensorflow_or_ml_collections():
   assert afd > kd > ce > 0  # KD adds the teacher's forward, AFD its attention module
   assert report['batch'] == 8 and report['dtype'] == 'float32'
   resnet8 = RESNET8_PARAMETERS_10_CLASSES * 4  # float32 bytes, one device holds them all
-  assert [r['param_bytes_per_device'] for r in report['results']] == [
+  assert [{k: r['param_bytes_per_device'][k] for k in ('teacher', 'student')}
+          for r in report['results']] == [
       {'teacher': 0, 'student': resnet8}] + [{'teacher': resnet8, 'student': resnet8}] * 2
+  ce_state, _, afd_state = (r['param_bytes_per_device']['train_state'] for r in report['results'])
+  assert afd_state > ce_state > 2 * resnet8  # + momentum; AFD's module and its momentum
   for r in report['results']:  # the donated state is an argument aliased to an output
     memory = r['memory_per_device']
     assert memory['argument_bytes'] >= memory['alias_bytes'] >= r['param_bytes_per_device']['student']
@@ -71,8 +74,8 @@ def test_bench_prints_a_table_and_counts_the_collectives_of_global_and_grouped_b
   assert int(at_row[8]) > int(kd_row[8]) > 0  # AT's attention maps and loss on top of KD
   assert any(l.startswith('at/kd: ') for l in lines)
   mib = f'{RESNET8_PARAMETERS_10_CLASSES * 4 / 2**20:.1f}'  # replicated: all on each device
-  assert any(l.startswith(f'kd: per device, parameters teacher {mib} MiB, student {mib} MiB; '
-                          'XLA: arguments ') for l in lines)
+  assert any(l.startswith(f'kd: per device, parameters teacher {mib} MiB, student {mib} MiB, '
+                          'train state ') and '; XLA: arguments ' in l for l in lines)
   result = bench(*common, '--bn-group-size', '2', '--vs-global-bn', '--method', 'kd', '--json')
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report['devices'] == 4 and report['bn_group_size'] == 2
@@ -87,18 +90,21 @@ def test_bench_prints_a_table_and_counts_the_collectives_of_global_and_grouped_b
       report['results'][0]['median_step_ms'] / global_kd['median_step_ms'])
 
 
-def test_bench_shards_the_teacher_over_the_model_axis_of_its_mesh():
-  """--mesh 2,4 --shard-teacher on 8 fake devices: a device holds under 0.3x of resnet14's
-  parameter bytes (split four ways, small arrays that 4 does not divide replicated), and all
-  of the replicated student's."""
-  result = bench('--teacher', 'resnet14', '--student', 'resnet8', '--batch', '8', '--devices',
-                 '8', '--mesh', '2,4', '--shard-teacher', '--image-size', '8', '--num-classes',
-                 '10', '--steps', '1', '--rounds', '1', '--warmup', '1', '--method', 'kd',
-                 '--json')
-  (kd,) = json.loads(result.stdout.strip().splitlines()[-1])['results']
-  resnet14 = (181108 - 90 * 65) * 4  # test_models.py's count at 100 classes, less 90 x (64 + 1)
-  assert 0 < kd['param_bytes_per_device']['teacher'] <= 0.3 * resnet14
-  assert kd['param_bytes_per_device']['student'] == RESNET8_PARAMETERS_10_CLASSES * 4
+def test_bench_shards_the_teacher_and_the_train_state_over_the_model_axis_of_its_mesh():
+  """--mesh 2,4 on 8 fake devices: with --shard-teacher a device holds under 0.3x of
+  resnet14's parameter bytes (split four ways, small arrays that 4 does not divide replicated)
+  and all of the replicated student's; with --shard-student too, under 0.35x of the student's."""
+  args = ('--teacher', 'resnet14', '--student', 'resnet8', '--batch', '8', '--devices', '8',
+          '--mesh', '2,4', '--shard-teacher', '--image-size', '8', '--num-classes', '10',
+          '--steps', '1', '--rounds', '1', '--warmup', '1', '--method', 'kd', '--json')
+  resnet8, resnet14 = RESNET8_PARAMETERS_10_CLASSES * 4, (181108 - 90 * 65) * 4  # test_models'
+  for extra in ((), ('--shard-student',)):  # count at 100 classes, less 90 x (64 + 1)
+    (kd,) = json.loads(bench(*args, *extra).stdout.strip().splitlines()[-1])['results']
+    assert 0 < kd['param_bytes_per_device']['teacher'] <= 0.3 * resnet14
+    if extra:
+      assert 0 < kd['param_bytes_per_device']['student'] <= 0.35 * resnet8
+    else:
+      assert kd['param_bytes_per_device']['student'] == resnet8
 
 
 def test_bench_rejects_bad_arguments():

@@ -385,8 +385,8 @@ def test_student_init_checkpoint_of_another_class_count_gets_a_fresh_classifier(
   first_state = []
   real_jit_train_step = step.jit_train_step
 
-  def recording_jit_train_step(task, mesh, teacher_sharding=None):
-    train_step = real_jit_train_step(task, mesh, teacher_sharding)
+  def recording_jit_train_step(task, mesh, *placements):
+    train_step = real_jit_train_step(task, mesh, *placements)
 
     def recorded(state, teacher_vars, batch):
       if not first_state:
