@@ -46,8 +46,11 @@ def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
   # The state's own dtype (float64 mode's state is float64, every other run's float32).
   out = {'num_classes': num_classes,
          'state_dtype': 'float64' if getattr(config, 'dtype', '') == 'float64' else 'float32'}
+  teachers = list(getattr(config, 'teachers', None) or ())
+  if distil and teachers:  # several teachers: their labels and models, in order
+    out['teachers'] = [f'{t.get("label") or t["name"]}={t["name"]}' for t in teachers]
   for key in FINGERPRINT:
-    if key == 'num_classes' or (key == 'teacher.name' and not distil):
+    if key == 'num_classes' or (key == 'teacher.name' and (not distil or teachers)):
       continue
     value = config
     for part in key.split('.'):
@@ -418,6 +421,12 @@ def has_checkpoints(workdir: str) -> bool:
   return path.exists() and any(p.name.isdigit() for p in path.iterdir())
 
 
+def _json_value(value):
+  """What JSON cannot hold as is: a config section inside a list (`config.teachers`: a
+  ConfigDict's `to_dict` leaves those) as a dict, a NumPy or JAX scalar as a float."""
+  return value.to_dict() if hasattr(value, 'to_dict') else float(value)
+
+
 def write_json(path, payload) -> None:
   """Writes JSON via a temporary file and a rename (process 0 only; local or GCS paths)."""
   if jax.process_index() != 0:
@@ -425,7 +434,7 @@ def write_json(path, payload) -> None:
   path = epath.Path(path)
   tmp = path.with_name(path.name + '.tmp')
   try:
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_value))
     tmp.replace(path)
   except OSError as e:
     if not is_disk_full(e):

@@ -2,7 +2,7 @@
 (`validate`), one run per workdir (`lock_workdir`), and the preemption notice (`PreemptionWatch`).
 """
 import signal
-from typing import Optional
+from typing import List, Optional
 
 import jax
 import numpy as np
@@ -30,7 +30,8 @@ def validate(config) -> None:
                       f'{config.dataset.shuffle_buffer}) does not know; set '
                       'dataset.shuffle_buffer=0 to hold the split in memory.')
   distil = task_lib.is_distillation(config)
-  names = [config.student.name] + ([config.teacher.name] if distil else [])
+  teachers = task_lib.teacher_sections(config) if distil else ()
+  names = [config.student.name] + [section.name for _, section in teachers]
   for name in names:
     try:
       models.check_name(name)
@@ -47,12 +48,8 @@ def validate(config) -> None:
                     f'{config.student.drop_path_rate}.')
   if config.dtype not in task_lib.DTYPES:
     raise UserError(f'dtype must be one of {", ".join(task_lib.DTYPES)}, got {config.dtype!r}.')
-  if config.teacher.dtype and config.teacher.dtype not in TEACHER_DTYPES:
-    raise UserError(f'teacher.dtype must be empty (= dtype) or one of '
-                    f'{", ".join(TEACHER_DTYPES)}, got {config.teacher.dtype!r}.')
-  if config.dtype == 'float64' and config.teacher.dtype:
-    raise UserError('dtype float64 runs the whole step, teacher included, in float64: leave '
-                    f'teacher.dtype empty (got {config.teacher.dtype!r}).')
+  for key, (_, section) in zip(_teacher_keys(config), task_lib.teacher_sections(config)):
+    _check_teacher_dtype(config, section, key)
   if config.bn_group_size < 0 or (config.bn_group_size and
                                   config.batch_size % config.bn_group_size):
     raise UserError(f'bn_group_size={config.bn_group_size} must be 0 (the global batch) or a '
@@ -62,10 +59,32 @@ def validate(config) -> None:
       raise UserError(f'{key} must be positive, got {config[key]}.')
   if config.num_epochs <= 0 and config.num_train_steps <= 0:
     raise UserError('set num_epochs (or num_train_steps) to a positive number.')
-  for key, path in (('student.init_checkpoint', config.student.init_checkpoint),
-                    ('teacher.checkpoint', config.teacher.checkpoint if distil else '')):
+  paths = [('student.init_checkpoint', config.student.init_checkpoint)]
+  paths += [(f'{key}.checkpoint', section.checkpoint)
+            for key, (_, section) in zip(_teacher_keys(config), teachers)]
+  for key, path in paths:
     if path and path != 'random' and not epath.Path(path).exists():
       raise UserError(f'{key} {path} does not exist.')
+  if distil and config.get('teachers'):
+    try:
+      task_lib.check_several_teachers(config)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+
+
+def _teacher_keys(config) -> List[str]:
+  """The config paths of the teachers' sections: `teacher`, or `teachers[k]`."""
+  teachers = config.get('teachers') or ()
+  return [f'teachers[{k}]' for k in range(len(teachers))] if teachers else ['teacher']
+
+
+def _check_teacher_dtype(config, section, key: str) -> None:
+  if section.dtype and section.dtype not in TEACHER_DTYPES:
+    raise UserError(f'{key}.dtype must be empty (= dtype) or one of '
+                    f'{", ".join(TEACHER_DTYPES)}, got {section.dtype!r}.')
+  if config.dtype == 'float64' and section.dtype:
+    raise UserError('dtype float64 runs the whole step, teacher included, in float64: leave '
+                    f'{key}.dtype empty (got {section.dtype!r}).')
 
 
 def lock_workdir(workdir: str) -> Optional[workdir_lock.WorkdirLock]:

@@ -4,6 +4,8 @@ One train step is one XLA program: frozen teacher forward (inference-mode batch 
 forward and backward (training batch norms over the global batch, or over groups of
 `bn_group_size` examples: `layers.batch_norm_groups`), the feature distiller, the objective
 `ce_weight * CE + kd_weight * KD(T) + feature_weight * feature_loss`, and the optimizer update.
+Several teachers (`Task.teacher_weights`) are one `models.Ensemble`: KD over their stacked
+logits (`distill.ensemble_kd_loss`), the distiller over the union of their taps.
 The distiller gets the extra inputs its method declares (`distill.registry.INPUTS`: logits,
 labels, example indices, embeddings, ...). A method with a pre-training stage
 (`registry.Pretrain`, the CRD benchmark's `init_epochs`) trains first with a step of its own
@@ -19,7 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from afd_jax import layers, models, sharding
-from afd_jax.distill import cross_entropy, kd_loss, soft_cross_entropy
+from afd_jax.distill import cross_entropy, ensemble_kd_loss, kd_loss, soft_cross_entropy
 from afd_jax.mixing import mix_batch
 from afd_jax.state import TrainState, variables_of
 from afd_jax.task import Task, cast_floats
@@ -175,7 +177,9 @@ def _main_loss(task: Task, step: jax.Array, logits, labels, targets, teacher, di
     terms['ce'] = jnp.where(step + 1 == task.nan_at_step, jnp.nan, terms['ce'])
   loss = task.ce_weight * terms['ce']
   if task.kd_weight > 0:
-    terms['kd'] = kd_loss(logits, teacher[0], task.kd_temperature)
+    terms['kd'] = (ensemble_kd_loss(logits, teacher[0], task.teacher_weights,
+                                    task.kd_temperature, task.kd_over_teachers)
+                   if task.teacher_weights else kd_loss(logits, teacher[0], task.kd_temperature))
     loss += task.kd_weight * terms['kd']
   if distilled is not None:
     terms[task.feature_name] = distilled[0]

@@ -6,6 +6,7 @@ trace the models abstractly (`check_batch_norm_groups`, `check_float64`) so that
 before anything is compiled.
 """
 import dataclasses
+import types
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
@@ -54,6 +55,11 @@ class Task:
   teacher_input: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
   ema_decay: float = 0.0
   num_classes: int = 0  # of the logits (for the soft targets of mixing and label smoothing)
+  # Several teachers (`config.teachers`): `teacher` is a `models.Ensemble` (K x B x C logits,
+  # each member re-normalising its own input), these are their KD weights, and
+  # `kd_over_teachers` how KD combines them (`distill.ensemble_kd_loss`). Empty: one teacher.
+  teacher_weights: Tuple[float, ...] = ()
+  kd_over_teachers: str = 'average'
 
   @property
   def distils_features(self) -> bool:
@@ -119,10 +125,10 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
                      'True), or build the task inside jax.enable_x64(True).')
   student = models.from_config(config.student, num_classes, dtype, image_shape)
   check_distillation_token(config, student)
-  teacher_dtype = getattr(config.teacher, 'dtype', '')
-  teacher_dtype = DTYPES[teacher_dtype] if teacher_dtype else dtype
-  teacher = (models.from_config(config.teacher, num_classes, teacher_dtype, image_shape)
-             if distil else None)
+  several = bool(getattr(config, 'teachers', ()))  # config.teachers: a models.Ensemble
+  if distil and several:
+    check_several_teachers(config)
+  teacher = build_teacher(config, num_classes, dtype, image_shape) if distil else None
   distiller = distill.create(config.method, config, student.taps(),
                              teacher.taps() if teacher else (), num_classes=num_classes,
                              num_train_examples=num_train_examples,
@@ -145,16 +151,74 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
               distiller_inputs=method.inputs if method is not None else (),
               steps_per_epoch=steps_per_epoch, param_dtype=jnp.float64 if wide else None,
               pretrain=pretrain,  # kept at 0 steps too: the state's layout is the method's
-              mixing=Mixing.from_config(config), teacher_input=teacher_input(config),
-              ema_decay=float(getattr(config, 'ema_decay', 0.0)), num_classes=num_classes)
+              mixing=Mixing.from_config(config),
+              teacher_input=None if several else teacher_input(config),
+              ema_decay=float(getattr(config, 'ema_decay', 0.0)), num_classes=num_classes,
+              teacher_weights=tuple(float(getattr(section, 'weight', 1.0))
+                                    for _, section in teacher_sections(config)) if several
+              else (),
+              kd_over_teachers=getattr(config.loss, 'kd_over_teachers', 'average'))
 
 
-def teacher_input(config) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
-  """`(scale, shift)` per channel that turn the student's normalised images into the teacher's
-  (`config.teacher.mean/std`, its training statistics): `x * std_s / std_t + (mean_s -
-  mean_t) / std_t`; None where the teacher takes the dataset's own (unset, or equal)."""
-  mean_t = tuple(getattr(config.teacher, 'mean', ()) or ())
-  std_t = tuple(getattr(config.teacher, 'std', ()) or ())
+def teacher_sections(config) -> Tuple[Tuple[str, Any], ...]:
+  """`(label, section)` of every teacher: the entries of `config.teachers` where that list is
+  set (label: the entry's `label`, else its `name`), else `config.teacher` (label '')."""
+  entries = tuple(getattr(config, 'teachers', ()) or ())
+  if not entries:
+    return (('', config.teacher),)
+  sections = tuple(types.SimpleNamespace(**e) if isinstance(e, dict) else e for e in entries)
+  return tuple((getattr(s, 'label', '') or s.name, s) for s in sections)
+
+
+def teacher_title(config) -> str:
+  """The teacher's name in logs and plot titles: its name, or the teachers' labels joined."""
+  return '+'.join(label or section.name for label, section in teacher_sections(config))
+
+
+def build_teacher(config, num_classes: int, dtype, image_shape):
+  """`config.teacher`'s model, or with `config.teachers` a `models.Ensemble` of theirs, each
+  in its own dtype and re-normalising its own input (`teacher_input`)."""
+  def model(section):
+    own = getattr(section, 'dtype', '')
+    return models.from_config(section, num_classes, DTYPES[own] if own else dtype, image_shape)
+
+  if not getattr(config, 'teachers', ()):
+    return model(config.teacher)
+  sections = teacher_sections(config)
+  return models.Ensemble(tuple(model(s) for _, s in sections),
+                         tuple(label for label, _ in sections),
+                         tuple(teacher_input(config, s) for _, s in sections))
+
+
+def check_several_teachers(config) -> None:
+  """ValueError, in one line, where several teachers cannot be distilled as configured: a
+  method that pairs one teacher with the student, weights that are not positive, KD's
+  combination unknown."""
+  sections = teacher_sections(config)
+  labels = ', '.join(label for label, _ in sections)
+  if config.method != 'none' and not distill.registry.get(config.method).several_teachers:
+    takes = ', '.join(m for m in distill.registry.registered()
+                      if distill.registry.get(m).several_teachers)
+    raise ValueError(f'method {config.method!r} pairs one teacher with the student, and '
+                     f'config.teachers has {len(sections)} ({labels}); with several teachers '
+                     f'use method {takes} or none (KD alone), or keep one teacher.')
+  weights = [float(getattr(s, 'weight', 1.0)) for _, s in sections]
+  if min(weights) <= 0:
+    raise ValueError(f'config.teachers weights must be positive, got {weights} ({labels}).')
+  over = getattr(config.loss, 'kd_over_teachers', 'average')
+  if over not in distill.KD_OVER_TEACHERS:
+    raise ValueError(f'loss.kd_over_teachers must be one of '
+                     f'{", ".join(distill.KD_OVER_TEACHERS)}, got {over!r}.')
+
+
+def teacher_input(config, section=None) -> Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]]:
+  """`(scale, shift)` per channel that turn the student's normalised images into a teacher's
+  (`section.mean/std`, its training statistics; `section` defaults to `config.teacher`):
+  `x * std_s / std_t + (mean_s - mean_t) / std_t`; None where the teacher takes the dataset's
+  own (unset, or equal)."""
+  section = config.teacher if section is None else section
+  mean_t = tuple(getattr(section, 'mean', ()) or ())
+  std_t = tuple(getattr(section, 'std', ()) or ())
   dataset = getattr(config, 'dataset', None)
   mean_s, std_s = tuple(getattr(dataset, 'mean', ())), tuple(getattr(dataset, 'std', ()))
   if not mean_t and not std_t:

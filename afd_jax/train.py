@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from afd_jax import checkpoint, data, distill, metrics, run_guard, sharding, step
+from afd_jax import checkpoint, data, distill, metrics, models, run_guard, sharding, step
 from afd_jax import task as task_lib
 from afd_jax import weights
 from afd_jax.errors import UserError, warn
@@ -152,9 +152,7 @@ def _prepare(config, workdir: str) -> _Setup:
   if distil:
     teacher_vars = task_lib.cast_floats(weights.load_teacher(
         config, task.teacher, info.num_classes, info.image_shape), task.param_dtype)
-    placement = (sharding.fsdp(teacher_vars, mesh) if config.teacher.get('shard', False)
-                 else sharding.replicated(mesh))
-    teacher_vars = jax.device_put(teacher_vars, placement)
+    teacher_vars = jax.device_put(teacher_vars, _teacher_placement(config, teacher_vars, mesh))
   return _Setup(config, workdir, mesh, info, task, steps_per_epoch, total_steps, fingerprint,
                 own, teacher_vars, EvalBatches(config, info),
                 _abstract_state(config, task, mesh, info.image_shape, teacher_vars))
@@ -170,6 +168,23 @@ def _abstract_state(config, task, mesh, image_shape, teacher_vars):
                else jax.tree.map(lambda _: sharding.replicated(mesh), shapes))
   return jax.tree.map(lambda x, p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p),
                       shapes, placement)
+
+
+def _teacher_placement(config, teacher_vars, mesh):
+  """Each teacher's weights replicated, or split over the model axis where its section sets
+  `shard` (`sharding.fsdp`); with several teachers, per teacher (its variables' label)."""
+  def placed(tree, section):
+    return (sharding.fsdp(tree, mesh) if getattr(section, 'shard', False)
+            else jax.tree.map(lambda _: sharding.replicated(mesh), tree))
+
+  if not config.get('teachers'):
+    return placed(teacher_vars, config.teacher)
+  out = {col: {} for col in teacher_vars}
+  for label, section in task_lib.teacher_sections(config):
+    for col, tree in teacher_vars.items():
+      if label in tree:
+        out[col][label] = placed(tree[label], section)
+  return out
 
 
 def _placement(variables):
@@ -240,7 +255,7 @@ def _with_initial_student(s: _Setup, state):
 def _describe(s: _Setup) -> str:
   """The run's first console line: the models, the data, the devices, the steps."""
   c, info = s.config, s.info
-  pair = f' <- {c.teacher.name} ({c.method}, kd {c.loss.kd_weight})'
+  pair = f' <- {task_lib.teacher_title(c)} ({c.method}, kd {c.loss.kd_weight})'
   return (f'{c.name}: {c.student.name}' + (pair if s.distil else '')
           + f' on {info.name} ({info.num_train} train / {info.num_eval} eval, '
           f'{info.num_classes} classes), {jax.device_count()} devices x {jax.process_count()} '
@@ -249,15 +264,25 @@ def _describe(s: _Setup) -> str:
 
 def _evaluate_teacher(s: _Setup, writer: metrics.Writer,
                       start_step: int) -> Optional[Dict[str, float]]:
-  """The teacher's eval metrics (None without a teacher), logged at `start_step`."""
+  """The teacher's eval metrics (None without a teacher), logged at `start_step`; with
+  several teachers each one's, by its label."""
   if not s.distil:
     return None
-  out = evaluate(step.jit_eval_step(s.task.teacher, s.mesh, _placement(s.teacher_vars)),
-                 s.teacher_vars, s.eval_batches, s.mesh)
-  writer.console(f'teacher {s.config.teacher.name}: top1 {out["top1"]:.2f} '
-                 f'top5 {out["top5"]:.2f}')
-  writer.scalars(start_step, {'teacher/top1': out['top1']})
-  return out
+  teacher, placement = s.task.teacher, _placement(s.teacher_vars)
+  if not models.is_ensemble(teacher):
+    out = evaluate(step.jit_eval_step(teacher, s.mesh, placement), s.teacher_vars,
+                   s.eval_batches, s.mesh)
+    writer.console(f'teacher {s.config.teacher.name}: top1 {out["top1"]:.2f} '
+                   f'top5 {out["top5"]:.2f}')
+    writer.scalars(start_step, {'teacher/top1': out['top1']})
+    return out
+  outs = {}
+  for k, label in enumerate(teacher.labels):
+    out = outs[label] = evaluate(step.jit_eval_step(teacher.member(k), s.mesh, placement),
+                                 s.teacher_vars, s.eval_batches, s.mesh)
+    writer.console(f'teacher {label}: top1 {out["top1"]:.2f} top5 {out["top5"]:.2f}')
+    writer.scalars(start_step, {f'teacher/{label}/top1': out['top1']})
+  return outs
 
 
 class _StepLoop:
@@ -459,4 +484,5 @@ def save_attention(workdir, step_count, mean_attention, student, teacher, config
     labels = viz.link_labels(distiller, [t.name for t in teacher.taps()],
                              [t.name for t in student.taps()])
     viz.plot_attention(mean_attention, *labels, os.path.join(workdir, 'attention.png'),
-                       title=f'{config.teacher.name} -> {config.student.name}, step {step_count}')
+                       title=f'{task_lib.teacher_title(config)} -> {config.student.name}, '
+                       f'step {step_count}')

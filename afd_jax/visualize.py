@@ -146,7 +146,7 @@ def main(argv):
     sys.exit(2)
   out = flags.FLAGS.out or os.path.join(workdir, 'attention.png')
   viz.plot_attention(attention, t_names, s_names, out,
-                     title=f'{config.teacher.name} -> {config.student.name} ({source})')
+                     title=f'{task_lib.teacher_title(config)} -> {config.student.name} ({source})')
   print(f'{out}: mean attention, {len(t_names)} teacher x {len(s_names)} student layers '
         f'({source})')
   for n, row in enumerate(attention):

@@ -3,14 +3,15 @@
 model's shapes before training starts. Also writes the `.msgpack` files (python -m afd_jax.export).
 """
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import numpy as np
 from etils import epath
 from flax import serialization
 
-from afd_jax import checkpoint
+from afd_jax import checkpoint, models
+from afd_jax import task as task_lib
 from afd_jax.errors import UserError, warn
 
 
@@ -58,30 +59,79 @@ def read_msgpack_variables(path: str, name: str, what: str) -> Dict[str, Any]:
 
 def load_teacher(config, model, num_classes: int, image_shape) -> Dict[str, Any]:
   """Teacher variables from `config.teacher.checkpoint`: one of our workdirs, an exported
-  `.msgpack` or a PyTorch .pth.
+  `.msgpack` or a PyTorch .pth; with `config.teachers` (`model` a `models.Ensemble`) every
+  teacher's from its own checkpoint, under its label.
 
-  Validates the model name, class count and every shape before training starts.
+  Validates the model names, class counts and every shape before training starts.
   """
-  path = config.teacher.checkpoint
-  if path == 'random':  # Tests and benchmarks only: an untrained teacher.
-    warn('teacher.checkpoint=random: distilling from an untrained teacher.')
+  if models.is_ensemble(model):
+    return _load_teachers(config, model, num_classes, image_shape)
+  return _read_teacher(config, config.teacher, model, image_shape, 'teacher checkpoint',
+                       'config.teacher.checkpoint', config.seed + 1, num_classes)
+
+
+def _read_teacher(config, section, model, image_shape, what: str, key: str, seed: int,
+                  num_classes: Optional[int] = None) -> Dict[str, Any]:
+  """`section.checkpoint` (the config's `key`) read for `model`, fitted to `num_classes` (None:
+  as read); 'random' (tests and benchmarks only) initialises an untrained teacher from `seed`."""
+  path = section.checkpoint
+  if path == 'random':
+    warn(f'{key.replace("config.", "")}=random: distilling from an untrained teacher.')
     images = jax.numpy.zeros((2,) + tuple(image_shape))
-    return jax.jit(lambda k: model.init(k, images, train=False))(jax.random.PRNGKey(config.seed + 1))
+    return jax.jit(lambda k: model.init(k, images, train=False))(jax.random.PRNGKey(seed))
   if not path:
-    raise UserError(f'method {config.method!r} needs a teacher: set config.teacher.checkpoint to '
-                    'a workdir of a teacher run or a PyTorch .pth file.')
-  return load_model_variables(path, config.teacher.name, model, num_classes, image_shape,
-                              'teacher checkpoint')
+    raise UserError(f'method {config.method!r} needs a teacher: set {key} to a workdir of a '
+                    'teacher run or a PyTorch .pth file.')
+  variables = read_model_variables(path, section.name, what)
+  if num_classes is None:
+    return variables
+  return fit_model_variables(variables, path, section.name, model, num_classes, image_shape,
+                             what)
 
 
-def load_model_variables(path: str, name: str, model, num_classes: int, image_shape, what: str,
-                         new_head_ok: bool = False) -> Dict[str, Any]:
-  """Variables of model `name` from our workdir, a `.msgpack` or a .pth, checked against
-  `model`'s shapes.
+def _load_teachers(config, ensemble, num_classes: int, image_shape) -> Dict[str, Any]:
+  """Every teacher's variables under its label (`{'params': {label: ...}, ...}`); refuses
+  teachers whose classifiers differ in class count before checking each against the data."""
+  sections = task_lib.teacher_sections(config)
+  read, counts = [], []
+  for k, ((label, section), member) in enumerate(zip(sections, ensemble.members)):
+    what = f'teacher {label} checkpoint'
+    variables = _read_teacher(config, section, member, image_shape, what,
+                              f'config.teachers[{k}].checkpoint', config.seed + 1 + k)
+    read.append((label, section, member, what, variables))
+    counts.append(_class_count(variables, member, image_shape))
+  known = [(label, n) for (label, *_), n in zip(read, counts) if n is not None]
+  if len({n for _, n in known}) > 1:
+    listed = ', '.join(f'{label} {n}' for label, n in known)
+    raise UserError(f'the teachers differ in class count ({listed}); several teachers need '
+                    f'one label space, the dataset\'s {num_classes} classes.')
+  out: Dict[str, Dict[str, Any]] = {}
+  for label, section, member, what, variables in read:
+    if section.checkpoint != 'random':
+      variables = fit_model_variables(variables, section.checkpoint, section.name, member,
+                                      num_classes, image_shape, what)
+    for col, tree in variables.items():
+      out.setdefault(col, {})[label] = tree
+  return out
 
-  With `new_head_ok`, a classifier (`fc`) of another class count is replaced by a fresh one
-  (transfer learning); otherwise it is an error.
-  """
+
+def _class_count(variables, model, image_shape) -> Optional[int]:
+  """The output count of the classifier kernel in `variables` (found on `model`), or None
+  where it cannot be told."""
+  try:
+    abstract = jax.eval_shape(lambda k: model.init(
+        k, jax.numpy.zeros((2,) + tuple(image_shape)), train=False), jax.random.PRNGKey(0))
+    node = variables['params']
+    for key in models.classifier_path(model, abstract, image_shape):
+      node = node[key]
+    shape = np.shape(node['kernel'])
+  except (KeyError, TypeError, ValueError):
+    return None
+  return int(shape[-1]) if len(shape) == 2 else None
+
+
+def read_model_variables(path: str, name: str, what: str) -> Dict[str, Any]:
+  """Variables of model `name` as stored in our workdir, a `.msgpack` or a .pth (unchecked)."""
   if not epath.Path(path).exists():
     raise UserError(f'{what} {path} does not exist.')
   if epath.Path(path).is_dir():
@@ -92,14 +142,31 @@ def load_model_variables(path: str, name: str, model, num_classes: int, image_sh
     saved = meta.get('fingerprint', {})
     if saved.get('student.name', name) != name:
       raise UserError(f'{what} {path} holds a {saved["student.name"]!r} model, not {name!r}.')
-  elif str(path).endswith('.msgpack'):
-    variables = read_msgpack_variables(path, name, what)
-  else:
-    from afd_jax.interop import torch as torch_interop  # pylint: disable=g-import-not-at-top
-    try:
-      variables = torch_interop.load(name, path)
-    except (ValueError, ImportError, RuntimeError, OSError) as e:
-      raise UserError(f'{what} {path}: {e}') from e
+    return variables
+  if str(path).endswith('.msgpack'):
+    return read_msgpack_variables(path, name, what)
+  from afd_jax.interop import torch as torch_interop  # pylint: disable=g-import-not-at-top
+  try:
+    return torch_interop.load(name, path)
+  except (ValueError, ImportError, RuntimeError, OSError) as e:
+    raise UserError(f'{what} {path}: {e}') from e
+
+
+def load_model_variables(path: str, name: str, model, num_classes: int, image_shape, what: str,
+                         new_head_ok: bool = False) -> Dict[str, Any]:
+  """Variables of model `name` from our workdir, a `.msgpack` or a .pth, checked against
+  `model`'s shapes (`read_model_variables`, then `fit_model_variables`)."""
+  return fit_model_variables(read_model_variables(path, name, what), path, name, model,
+                             num_classes, image_shape, what, new_head_ok)
+
+
+def fit_model_variables(variables, path: str, name: str, model, num_classes: int, image_shape,
+                        what: str, new_head_ok: bool = False) -> Dict[str, Any]:
+  """`variables` checked against `model`'s shapes, as numpy arrays of its dtypes.
+
+  With `new_head_ok`, a classifier (`fc`) of another class count is replaced by a fresh one
+  (transfer learning); otherwise it is an error.
+  """
   init = lambda k: model.init(k, jax.numpy.zeros((2,) + tuple(image_shape)), train=False)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))  # shapes only: nothing is computed
   head = np.shape(variables.get('params', {}).get('fc', {}).get('kernel', ()))

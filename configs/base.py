@@ -30,6 +30,18 @@ def _model_options(section: ml_collections.ConfigDict) -> None:
   section.train_arg = ''         # train flag: '' = from __call__ | a name | '!name' (eval) | none
 
 
+def teacher_entry(name: str, checkpoint: str = '', *, weight: float = 1.0, label: str = '',
+                  **fields) -> ml_collections.ConfigDict:
+  """One entry of `config.teachers`: `config.teacher`'s fields at their defaults, with `name`,
+  `checkpoint` and `fields` set; `label` names its taps (`label:layer`; '' = `name`) and its
+  variables; `weight` is its share of KD (the weights are normalised to sum 1)."""
+  entry = ml_collections.ConfigDict(get_base_config().teacher.to_dict())
+  entry.name, entry.checkpoint, entry.label, entry.weight = name, checkpoint, label, float(weight)
+  for key, value in fields.items():
+    entry[key] = value
+  return entry
+
+
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = 'afd'                 # a label for logs and summary.json
@@ -72,6 +84,12 @@ def get_base_config() -> ml_collections.ConfigDict:
                                  # (FSDP-style, sharding.fsdp) instead of replicating them
   _model_options(c.teacher)
 
+  # Several teachers at once: a list of `teacher_entry(...)` sections (each as c.teacher, plus
+  # `label` and a KD `weight`), used instead of c.teacher where set. KD distils their weighted
+  # ensemble (loss.kd_over_teachers); a method with `several_teachers` (AFD) takes the union of
+  # their taps, named `label:layer`; other methods refuse several teachers.
+  c.teachers = []
+
   c.student = ml_collections.ConfigDict()
   c.student.name = 'wrn16x2'
   c.student.init_checkpoint = ''  # start from these weights (our workdir or a .pth); a classifier
@@ -86,6 +104,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.ce_weight = 1.0
   c.loss.kd_weight = 0.9         # Hinton KD on logits; 0 disables
   c.loss.kd_temperature = 4.0
+  c.loss.kd_over_teachers = 'average'  # several teachers: average (KL to their weighted mean
+                                 # probabilities) | sum (weighted sum of each one's KL)
   c.loss.feature_weight = 200.0  # beta, the weight of the feature loss
   c.loss.label_smoothing = 0.0   # of the CE targets (DeiT: 0.1)
 

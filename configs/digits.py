@@ -6,16 +6,21 @@ Three runs share this file (`get_config(arg)`):
   teacher  train resnet20 alone                   -> WORKDIR/teacher
   student  train resnet8 alone (no distillation)  -> WORKDIR/student
   afd      distil resnet20 -> resnet8 with AFD    -> WORKDIR/afd (teacher from WORKDIR/teacher)
+  two_teachers  distil resnet20 and resnet8 (from WORKDIR/teacher and WORKDIR/student) into
+           resnet8 with AFD over both teachers' layers and KD from their average
 
 For example:
   python -m afd_jax.main --config=configs/digits.py:teacher --workdir=/tmp/digits/teacher
   python -m afd_jax.main --config=configs/digits.py:afd --workdir=/tmp/digits/afd \
       --config.teacher.checkpoint=/tmp/digits/teacher
+  python -m afd_jax.main --config=configs/digits.py:two_teachers --workdir=/tmp/digits/two \
+      '--config.teachers[0].checkpoint=/tmp/digits/teacher' \
+      '--config.teachers[1].checkpoint=/tmp/digits/student'
 """
 from afd_jax.data import stats
-from configs.base import get_base_config
+from configs.base import get_base_config, teacher_entry
 
-RUNS = ('teacher', 'student', 'afd')
+RUNS = ('teacher', 'student', 'afd', 'two_teachers')
 
 
 def get_config(arg: str = 'afd'):
@@ -41,4 +46,6 @@ def get_config(arg: str = 'afd'):
     c.student.name = 'resnet20'
   if arg in ('teacher', 'student'):
     c.method, c.loss.kd_weight = 'none', 0.0
+  if arg == 'two_teachers':
+    c.teachers = [teacher_entry('resnet20'), teacher_entry('resnet8')]
   return c

@@ -18,7 +18,8 @@ from afd_jax.distill import registry
 from afd_jax.distill.afd import AFD
 from afd_jax.distill.at import AT, stage_pairs
 from afd_jax.distill.fitnet import FitNet, default_tap
-from afd_jax.distill.kd import cross_entropy, kd_loss, soft_cross_entropy
+from afd_jax.distill.kd import (KD_OVER_TEACHERS, cross_entropy, ensemble_kd_loss, kd_loss,
+                               soft_cross_entropy)
 from afd_jax.distill.sp import SP
 
 for _module in pkgutil.iter_modules(__path__):  # methods in files of their own register here
@@ -49,6 +50,6 @@ def create(method: str, config, student_taps: Sequence, teacher_taps: Sequence,
   return registry.get(method).build(config, setting)
 
 
-__all__ = ['AFD', 'AT', 'DEFAULT_FEATURE_WEIGHT', 'FitNet', 'METHODS', 'SP', 'create',
-           'cross_entropy', 'default_tap', 'kd_loss', 'registry', 'soft_cross_entropy',
-           'stage_pairs']
+__all__ = ['AFD', 'AT', 'DEFAULT_FEATURE_WEIGHT', 'FitNet', 'KD_OVER_TEACHERS', 'METHODS', 'SP',
+           'create', 'cross_entropy', 'default_tap', 'ensemble_kd_loss', 'kd_loss', 'registry',
+           'soft_cross_entropy', 'stage_pairs']

@@ -305,6 +305,7 @@ registry.register(registry.Method(
     feature_weight=200.0, logit_weights=(1.0, 0.9),
     taps='every tap of both models: all (teacher, student) pairs, weighed by the attention',
     source='the official AFD recipe (KD 0.9 at T 4, beta 200)', attention=True,
+    several_teachers=True,  # the union of the teachers' taps: a term per teacher layer
     older_layout=registry.OlderLayout(is_per_tap_layout, per_tap_variables, stacked_like),
     # ImageNet: the independent port's recipe (docs/method.md): beta 50, no KD.
     recipes={'imagenet': {('*', '*'): {'loss.feature_weight': 50.0, 'loss.kd_weight': 0.0}}}))

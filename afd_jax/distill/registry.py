@@ -126,6 +126,11 @@ class Method:
       default_factory=dict)
   # A parameter layout that checkpoints of earlier versions hold, read into today's at restore.
   older_layout: Optional['OlderLayout'] = None
+  # Its loss is defined over any list of teacher taps, so it takes several teachers' taps as
+  # one list (`config.teachers`; AFD's attention over every teacher layer). A method that
+  # pairs layers, stages, logits or embeddings of one teacher with the student leaves it False
+  # and is refused with several teachers.
+  several_teachers: bool = False
 
   @property
   def needs_distillation_token(self) -> bool:
