@@ -19,15 +19,13 @@ give the recorded params_sha256 (else the script stops). AFD's attention plots o
 copied to docs/results/cross_architecture_<direction>_afd_attention.png.
 """
 import argparse
-import json
 import os
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import study_runs  # launch/study_runs.py, beside this file
+
+REPO = study_runs.REPO
 RECORD = os.path.join(REPO, 'docs', 'results', 'cross_architecture_runs.json')
 CNN2VIT = ('none', 'kd', 'deit_hard', 'deit_soft', 'afd', 'sp')
 VIT2CNN = ('none', 'kd', 'afd')
@@ -51,79 +49,22 @@ def commands(root: str, direction: str, method: str, seed: int):
   return name, cmd
 
 
-def load_record():
-  if not os.path.exists(RECORD):
-    return {}
-  with open(RECORD) as f:
-    return json.load(f)
-
-
-def save_record(record) -> None:
-  with open(RECORD, 'w') as f:
-    json.dump(record, f, indent=1, sort_keys=True)
-    f.write('\n')
-
-
-def commit() -> str:
-  return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
-                        text=True).stdout.strip()
-
-
-def run(root: str, name: str, cmd, record, needed_on_disk: bool = False) -> int:
-  """Runs (or resumes) one run unless it is recorded; records it; returns the exit code.
-
-  `needed_on_disk`: the run's checkpoint is used by a later run, so a recorded run whose folder
-  is gone is trained again and checked against the recorded params_sha256.
-  """
-  folder = os.path.join(root, name)
-  done = os.path.join(folder, 'summary.json')
-  if name in record and (os.path.exists(done) or not needed_on_disk):
-    return 0
-  if not os.path.exists(done):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, 'command.txt'), 'w') as f:
-      f.write(' '.join(cmd) + '\n')
-    print(f'running {name}', flush=True)
-    with open(os.path.join(folder, 'log.txt'), 'a') as log:
-      child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-      signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
-      code = child.wait()
-    if code != 0:
-      print(f'{name} exited with {code}; see {folder}/log.txt', flush=True)
-      return code
-  with open(done) as f:
-    summary = json.load(f)
-  if name in record:
-    if record[name]['params_sha256'] != summary['params_sha256']:
-      print(f'{name} trained again gives params_sha256 {summary["params_sha256"][:12]}..., not '
-            f'the recorded {record[name]["params_sha256"][:12]}...; the runs it taught were '
-            'taught by another teacher, so the study stops here', flush=True)
-      return 1
-    return 0
-  record[name] = {'top1': summary['eval']['top1'], 'wall_time_sec': summary['wall_time_sec'],
-                  'params_sha256': summary['params_sha256'], 'commit': commit()}
-  save_record(record)
+def copy_attention_plot(name: str, folder: str) -> None:
+  """Seed 0's AFD attention plot of each direction, into docs/results/."""
   plot = os.path.join(folder, 'attention.png')
   if name.endswith('-afd-s0') and os.path.exists(plot):
     direction = name.split('-')[0]
     shutil.copyfile(plot, os.path.join(os.path.dirname(RECORD),
                                        f'cross_architecture_{direction}_afd_attention.png'))
-  return 0
 
 
 def table(record, direction: str, methods, seeds) -> str:
   rows = ['| run | top-1 (%) | per seed | wall s per run (median) |', '|---|---|---|---|']
   for method in methods:
-    runs = [record.get(f'{direction}-{method}-s{s}') for s in seeds]
-    found = [r for r in runs if r]
-    if not found:
-      continue
-    tops = [r['top1'] for r in found]
-    spread = f' ± {statistics.stdev(tops):.2f}' if len(tops) > 1 else ''
-    per_seed = ', '.join(f'{r["top1"]:.2f}' if r else '-' for r in runs)
-    wall = statistics.median(r['wall_time_sec'] for r in found)
-    rows.append(f'| {LABELS[method]} | {statistics.mean(tops):.2f}{spread} | {per_seed} | '
-                f'{wall:.0f} |')
+    row = study_runs.table_row(LABELS[method],
+                               [record.get(f'{direction}-{method}-s{s}') for s in seeds])
+    if row:
+      rows.append(row)
   return '\n'.join(rows)
 
 
@@ -135,7 +76,7 @@ def main():
   parser.add_argument('--report-only', action='store_true')
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(',')]
-  record = load_record()
+  record = study_runs.load_record(RECORD)
   plan = [(d, m, s) for s in seeds
           for d, methods in (('cnn2vit', CNN2VIT), ('vit2cnn', VIT2CNN)) for m in methods]
   if not args.report_only:
@@ -145,7 +86,8 @@ def main():
       name, cmd = commands(os.path.abspath(args.root), direction, method, seed)
       teaches = name == VIT_TEACHER_RUN and any(
           f'vit2cnn-{m}-s{s}' not in record for m in VIT2CNN for s in seeds)
-      if run(args.root, name, cmd, record, needed_on_disk=teaches):
+      if study_runs.run(args.root, name, cmd, record, RECORD, needed_on_disk=teaches,
+                        on_recorded=copy_attention_plot):
         sys.exit(1)
   for direction, methods in (('cnn2vit', CNN2VIT), ('vit2cnn', VIT2CNN)):
     print(f'\n{direction}\n' + table(record, direction, methods, seeds))
