@@ -69,7 +69,7 @@ def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
 
 
 # Fingerprint keys that older checkpoints lack, with the value they had (their runs' default).
-FINGERPRINT_DEFAULTS = {'ema_decay': 0.0}
+FINGERPRINT_DEFAULTS = {'ema_decay': 0.0, 'teachers': None}  # None: one teacher, or none
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:

@@ -12,9 +12,10 @@ import pytest
 from flax import serialization
 from jax.sharding import PartitionSpec as P
 
-from afd_jax import distill, models, sharding, step, train
+from afd_jax import checkpoint, distill, models, sharding, step, train
 from afd_jax import task as task_lib
 from afd_jax.distill.afd import AFD
+from afd_jax.errors import UserError
 from configs import base
 from tests import runs
 from tests.test_errors import cli_refuses
@@ -184,3 +185,18 @@ def test_a_teacher_weight_that_is_not_positive_is_refused(weight):
   config.teachers = [base.teacher_entry('resnet8'), base.teacher_entry('resnet14', weight=weight)]
   with pytest.raises(ValueError, match=r'^config.teachers weights must be positive'):
     task_lib.check_several_teachers(config)
+
+
+def test_a_checkpoint_resumes_only_with_the_same_teachers():
+  """The fingerprint holds the teachers' labels and names: one teacher's run, or other teachers,
+  cannot resume a two-teacher checkpoint, nor the reverse."""
+  config = base.get_base_config()
+  one = checkpoint.fingerprint(config, 10, distil=True)
+  config.teachers = [base.teacher_entry('resnet20'), base.teacher_entry('wrn16x2')]
+  two = checkpoint.fingerprint(config, 10, distil=True)
+  config.teachers[1].name = 'wrn40x2'
+  other = checkpoint.fingerprint(config, 10, distil=True)
+  checkpoint.check_compatible({'fingerprint': two}, two, 'w')
+  for saved, expected in ((one, two), (two, one), (two, other)):
+    with pytest.raises(UserError, match='teachers: checkpoint has'):
+      checkpoint.check_compatible({'fingerprint': saved}, expected, 'w')
