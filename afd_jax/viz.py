@@ -1,5 +1,6 @@
 """Attention-link heatmaps: mean attention, teacher layers (rows) x student layers (columns)."""
 import io
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -31,7 +32,10 @@ def plot_attention(attention: np.ndarray, teacher_labels: Sequence[str],
     teacher_labels = [f'layer {n}' for n in range(t)]
   if len(student_labels) != s:
     student_labels = [f'layer {m}' for m in range(s)]
-  fig, ax = plt.subplots(figsize=(1.6 + 0.45 * s, 1.2 + 0.3 * t))
+  longest = max((len(str(label)) for label in teacher_labels), default=0)
+  width = 1.6 + 0.45 * s + 0.04 * max(longest - 10, 0)  # room for `label:layer` rows
+  title = textwrap.fill(title, max(20, int(width * 11)))  # a long title wraps, not clips
+  fig, ax = plt.subplots(figsize=(width, 1.2 + 0.3 * t + 0.15 * title.count('\n')))
   image = ax.imshow(attention, cmap='viridis', vmin=0.0, aspect='auto')
   ax.set_xticks(range(s), list(student_labels), rotation=60, ha='right', fontsize=7)
   ax.set_yticks(range(t), list(teacher_labels), fontsize=7)
