@@ -34,10 +34,11 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array,
   """
   t = jax.lax.stop_gradient(at_least_f32(teacher_logits)) / temperature
   p_t = jax.nn.softmax(t, axis=-1)
-  return _kl_to(p_t, student_logits, temperature)
+  return kl_to_probabilities(p_t, student_logits, temperature)
 
 
-def _kl_to(p_t: jax.Array, student_logits: jax.Array, temperature: float) -> jax.Array:
+def kl_to_probabilities(p_t: jax.Array, student_logits: jax.Array,
+                        temperature: float) -> jax.Array:
   """`T**2 * KL(p_t || softmax(s / T))`, summed over classes, batch mean."""
   s = at_least_f32(student_logits) / temperature
   kl = xlogy(p_t, p_t) - p_t * jax.nn.log_softmax(s, axis=-1)
@@ -65,6 +66,7 @@ def ensemble_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array,
   t = jax.lax.stop_gradient(at_least_f32(teacher_logits)) / temperature
   p_t = jax.nn.softmax(t, axis=-1)                                   # K x B x C
   if over_teachers == 'average':
-    return _kl_to(jnp.einsum('k,kbc->bc', w, p_t), student_logits, temperature)
-  each = jnp.stack([_kl_to(p_t[k], student_logits, temperature) for k in range(p_t.shape[0])])
+    return kl_to_probabilities(jnp.einsum('k,kbc->bc', w, p_t), student_logits, temperature)
+  each = jnp.stack([kl_to_probabilities(p_t[k], student_logits, temperature)
+                    for k in range(p_t.shape[0])])
   return jnp.sum(w * each)

@@ -3,7 +3,8 @@ method's original PyTorch code (never stored in this repository; checked out bes
 
   REPDISTILLER_DIR=<HobbitLong/RepDistiller> SEMCKD_DIR=<DefangChen/SemCKD> \
   REVIEWKD_DIR=<dvlab-research/ReviewKD> MDISTILLER_DIR=<megvii-research/mdistiller> \
-  DEIT_DIR=<facebookresearch/deit> python tests/reference/make_method_vectors.py [--only NAME ...]
+  DEIT_DIR=<facebookresearch/deit> TORCHDISTILLER_DIR=<irfanICMLL/TorchDistiller> \
+  python tests/reference/make_method_vectors.py [--only NAME ...]
 
 Each method's generator is `method_vectors/<name>.py` (`REPO`, `make(repo_dir) -> arrays`);
 its arrays go to `method_<name>.npz`, byte-identical on a rerun (fixed zip timestamps, torch on
@@ -28,6 +29,7 @@ REPOS = {  # name: (environment variable, default checkout)
     'reviewkd': ('REVIEWKD_DIR', '/tmp/orig/ReviewKD'),
     'mdistiller': ('MDISTILLER_DIR', '/tmp/orig/mdistiller'),
     'deit': ('DEIT_DIR', '/tmp/orig/deit'),
+    'torchdistiller': ('TORCHDISTILLER_DIR', '/tmp/orig/TorchDistiller'),
 }
 
 
