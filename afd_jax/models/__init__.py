@@ -23,6 +23,7 @@ from afd_jax.models.deit import DeiT
 from afd_jax.models.ensemble import Ensemble, is_ensemble, members_of
 from afd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from afd_jax.models.resnet_cifar import CifarResNet
+from afd_jax.models.segmentation import Segmenter
 from afd_jax.models.taps import Tap, stage_final
 from afd_jax.models.tapping import Tapped, tap
 from afd_jax.models.vgg import CONFIGS as VGG_CONFIGS
@@ -217,5 +218,5 @@ def from_config(section, num_classes: int, dtype=None, image_shape=None):
 
 __all__ = ['apply_with_dist_logits', 'apply_with_embedding', 'classifier_path', 'from_config',
            'create', 'names', 'check_name', 'is_factory', 'has_distillation_token',
-           'DISTILLED_NAMES', 'drop_path_names', 'Ensemble', 'is_ensemble', 'members_of', 'Tap',
-           'Tapped', 'stage_final', 'tap']
+           'DISTILLED_NAMES', 'drop_path_names', 'Ensemble', 'is_ensemble', 'members_of',
+           'Segmenter', 'Tap', 'Tapped', 'stage_final', 'tap']
