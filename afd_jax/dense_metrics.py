@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from afd_jax.distill.dense import IGNORE_INDEX
+from afd_jax.pixels import IGNORE_INDEX
 
 
 def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int,

@@ -1,13 +1,22 @@
 """Segmentation data: the offline `fashion_mnist_scenes` set (deterministic scenes whose masks
 label every drawn garment pixel with its class + 1, background 0), built through TFDS from IDX
-files a test writes."""
+files a test writes; folders of images and PNG masks (paired by name, an unmatched file refused
+naming it); every decoded pair checked (a mask of another size, a label above the classes,
+each a failure naming the file); joint augmentation that keeps image and mask aligned and the
+ignore index through resizing and padding."""
 import gzip
+import re
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
+from afd_jax.data import joint_augment, segmentation_sources
 from afd_jax.data.builders import fashion_mnist_scenes as scenes
 from afd_jax.data.builders.fashion_mnist_local import FILES
+from afd_jax.data.tfimport import tf
+from afd_jax.errors import UserError
+from afd_jax.pixels import IGNORE_INDEX
 
 
 def garments(n=6, seed=0):
@@ -65,3 +74,121 @@ def test_the_builder_writes_image_and_mask_pairs(tmp_path):
   for example, image, mask in zip(test, expected_images, expected_masks):
     np.testing.assert_array_equal(example['image'], image)
     np.testing.assert_array_equal(example['segmentation_mask'], mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders of images and PNG masks, and the checks every decoded pair passes.
+
+def write_png(path, array):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(tf.io.encode_png(array).numpy())
+
+
+def mask_folder(root, pairs):
+  """root/train/images/<name>.png and root/train/masks/<name>.png for {name: (image, mask)}."""
+  for name, (image, mask) in pairs.items():
+    if image is not None:
+      write_png(root / 'train' / 'images' / f'{name}.png', image)
+    if mask is not None:
+      write_png(root / 'train' / 'masks' / f'{name}.png', mask[..., None])
+  return root
+
+
+def a_pair(h=6, w=8, label=1, seed=0):
+  rng = np.random.default_rng(seed)
+  mask = np.full((h, w), label, np.uint8)
+  mask[0, 0] = IGNORE_INDEX
+  return rng.integers(0, 256, (h, w, 3), dtype=np.uint8), mask
+
+
+def decoded(source, split='train'):
+  return [tuple(np.asarray(x) for x in source.decode(r))
+          for r in source.records(split)]
+
+
+def test_mask_folder_pairs_images_with_masks_by_name(tmp_path):
+  pairs = {'b': a_pair(label=2, seed=1), 'a': a_pair(label=0, seed=0)}
+  source = segmentation_sources.MaskFolderSource(str(mask_folder(tmp_path, pairs)), 3)
+  assert source.size('train') == 2
+  got = decoded(source)
+  for (image, mask), name in zip(got, ['a', 'b']):  # sorted by name
+    np.testing.assert_array_equal(image, pairs[name][0])
+    np.testing.assert_array_equal(mask, pairs[name][1])
+
+
+def test_mask_folder_refuses_an_image_without_a_mask_and_a_mask_without_an_image(tmp_path):
+  image, mask = a_pair()
+  root = mask_folder(tmp_path / 'one', {'a': (image, mask), 'lonely': (image, None)})
+  with pytest.raises(UserError, match=r'lonely\.png has no mask .*masks/lonely\.png'):
+    segmentation_sources.MaskFolderSource(str(root), 3)
+  root = mask_folder(tmp_path / 'two', {'a': (image, mask), 'orphan': (None, mask)})
+  with pytest.raises(UserError, match=r'masks/orphan\.png has no image'):
+    segmentation_sources.MaskFolderSource(str(root), 3)
+  with pytest.raises(UserError, match='num_classes'):
+    segmentation_sources.MaskFolderSource(str(root), 0)
+
+
+@pytest.mark.parametrize('bad, message', [
+    ('size', r'masks/bad\.png: the mask is \[5 8\] \(H, W\), its image \[6 8\]'),
+    ('label', r'masks/bad\.png: label 7 is not below the 3 classes nor the ignore index 255'),
+])
+def test_a_bad_mask_fails_naming_its_file(tmp_path, bad, message):
+  image, mask = a_pair()
+  mask = mask[:5] if bad == 'size' else np.where(mask == 1, 7, mask).astype(np.uint8)
+  root = mask_folder(tmp_path, {'bad': (image, mask)})
+  source = segmentation_sources.MaskFolderSource(str(root), 3)
+  with pytest.raises(tf.errors.InvalidArgumentError) as info:
+    decoded(source)
+  assert re.search(message, segmentation_sources.undecodable_message(info.value)), info.value
+
+
+def test_joint_augmentation_keeps_image_and_mask_aligned_and_the_ignore_index():
+  # The image's value is 40 x the label everywhere, so a pixel's label can be read off it.
+  mask = np.repeat(np.arange(4, dtype=np.uint8), 8)[None].repeat(20, 0)  # 20 x 32, stripes
+  mask[:3, :5] = IGNORE_INDEX
+  image = np.repeat((40 * np.minimum(mask, 4))[..., None], 3, -1).astype(np.uint8)
+  outs = []
+  for seed in range(12):
+    key = tf.constant([seed, 1], tf.int64)
+    a = [np.asarray(x) for x in joint_augment.train_pair(image, mask, key, crop=16)]
+    b = [np.asarray(x) for x in joint_augment.train_pair(image, mask, key, crop=16)]
+    np.testing.assert_array_equal(a[0], b[0])  # a pure function of the key
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[0].shape == (16, 16, 3) and a[1].shape == (16, 16)
+    assert set(np.unique(a[1])) <= {0, 1, 2, 3, IGNORE_INDEX}  # nearest: no mixed labels
+    # Bilinear images blur at the stripes' edges; inside a stripe (a 3 x 3 neighbourhood of one
+    # label, away from the crop's border) the image says the mask's label.
+    padded = np.pad(a[1], 1, constant_values=254)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3))
+    inside = (windows == a[1][..., None, None]).all((-1, -2)) & (a[1] != IGNORE_INDEX)
+    assert inside.sum() >= 16
+    np.testing.assert_allclose(a[0][..., 0][inside], 40 * a[1][inside].astype(int), atol=2)
+    outs.append(a[1])
+  assert any((o == IGNORE_INDEX).sum() > 9 for o in outs)  # padding (scale < 1) is ignored
+  assert len({o.tobytes() for o in outs}) == len(outs)  # the draws differ between keys
+  image_e, mask_e = (np.asarray(x) for x in joint_augment.eval_pair(image, mask, 16))
+  assert image_e.shape == (16, 16, 3) and set(np.unique(mask_e)) <= {0, 1, 2, 3, IGNORE_INDEX}
+  same = [np.asarray(x) for x in joint_augment.eval_pair(image[:16, :16], mask[:16, :16], 16)]
+  np.testing.assert_array_equal(same[1], mask[:16, :16])
+
+
+def test_fashion_mnist_scenes_source_decodes_the_builders_pairs(tmp_path):
+  source_dir = tmp_path / 'fashion'
+  source_dir.mkdir()
+  images, classes = garments()
+  for image_file, label_file in FILES.values():
+    write_idx(str(source_dir / image_file), images)
+    write_idx(str(source_dir / label_file), classes)
+  builder = scenes.FashionMnistScenes(data_dir=str(tmp_path / 'tfds'),
+                                      source_dir=str(source_dir), scenes={'train': 4, 'test': 3})
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  source = segmentation_sources.TfdsMaskSource(builder, scenes.NUM_CLASSES)
+  expected = scenes.compose_scenes(images, classes, 3, scenes.SEEDS['test'])
+  got = decoded(source, 'test')
+  assert len(got) == 3
+  for (image, mask), e_image, e_mask in zip(got, *expected):
+    np.testing.assert_array_equal(image, e_image)
+    np.testing.assert_array_equal(mask, e_mask[..., 0])
+  names = [r['name'].numpy().decode() for r in source.records('test', index=1, count=2)]
+  assert names == ['fashion_mnist_scenes test example 2']

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 
 from afd_jax.distill.kd import cross_entropy, kd_loss, kl_to_probabilities
 from afd_jax.layers import at_least_f32
-
-IGNORE_INDEX = 255  # the label of pixels that count nowhere (Cityscapes', VOC's void)
+from afd_jax.pixels import IGNORE_INDEX
 
 
 def _pixels(logits: jax.Array) -> jax.Array:
