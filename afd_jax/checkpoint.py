@@ -42,6 +42,11 @@ FINGERPRINT = ('dataset.name', 'num_classes', 'student.name', 'teacher.name', 'm
                'batch_size')
 
 
+def best_metric(metrics: Dict[str, float]) -> float:
+  """What ranks a checkpoint for `keep_best`: its eval mIoU (segmentation), else its top-1."""
+  return metrics['miou'] if 'miou' in metrics else metrics['top1']
+
+
 def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
   # The state's own dtype (float64 mode's state is float64, every other run's float32).
   out = {'num_classes': num_classes,
@@ -65,11 +70,15 @@ def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
       out[f'pretrain.{key}'] = value
   if getattr(config, 'ema_decay', 0.0) > 0:  # the state holds a moving average
     out['ema_decay'] = config.ema_decay
+  head = getattr(config.student, 'head', '') if hasattr(config, 'student') else ''
+  if head:  # a segmentation student: its head's parameters are in the state
+    out['student.head'] = head
   return out
 
 
 # Fingerprint keys that older checkpoints lack, with the value they had (their runs' default).
-FINGERPRINT_DEFAULTS = {'ema_decay': 0.0, 'teachers': None}  # None: one teacher, or none
+FINGERPRINT_DEFAULTS = {'ema_decay': 0.0, 'teachers': None,  # None: one teacher, or none
+                        'student.head': ''}  # '' = a classifier
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -225,7 +234,7 @@ class Checkpoints:
     policies = [ocp.checkpoint_managers.LatestN(max(keep, 1))]
     if keep_best:
       policies.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m['top1'], n=1, keep_checkpoints_without_metrics=False))
+          get_metric_fn=best_metric, n=1, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, create=create, read_only=not create)

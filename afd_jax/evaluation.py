@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from afd_jax import data, sharding
+from afd_jax import data, dense_metrics, sharding
 from afd_jax.state import student_variables
 
 
@@ -25,8 +25,10 @@ class EvalBatches:
                                    process_index=jax.process_index(), process_count=processes)
     examples = (data.num_eval_batches(config, info, processes)
                 * data.local_batch_size(config.eval_batch_size, processes, 'eval_batch_size'))
-    # float32 images, an int32 label and a float32 mask per example
-    self._keep = examples * (4 * int(np.prod(info.image_shape)) + 8) <= EVAL_IN_MEMORY_BYTES
+    # float32 images, an int32 label (segmentation: one per pixel) and a float32 mask each
+    label = int(np.prod(info.image_shape[:2])) if info.dense else 1
+    self._keep = examples * (4 * int(np.prod(info.image_shape)) + 4 * label + 4) <= (
+        EVAL_IN_MEMORY_BYTES)
     self._kept = None
 
   def __iter__(self) -> Iterator[dict]:
@@ -48,14 +50,21 @@ def _add_sums(totals, sums):
 
 
 def evaluate(eval_step, variables, batches: EvalBatches, mesh) -> Dict[str, float]:
-  """Top-1/top-5 (%) and loss over every eval example exactly once. The sums stay on the
-  devices (one compiled add a batch, dispatched without waiting) and are fetched at the end."""
+  """Top-1/top-5 (%) and loss over every eval example exactly once; for segmentation mIoU and
+  pixel accuracy (%), each class's IoU and the per-pixel loss, from one confusion matrix. The
+  sums stay on the devices (one compiled add a batch, dispatched without waiting) and are
+  fetched at the end."""
   totals = None
   for batch in batches:
     sums = eval_step(variables, sharding.global_batch(batch, mesh))
     totals = sums if totals is None else _add_sums(totals, sums)
   totals = jax.device_get(totals)
   count = max(float(totals['count']), 1.0)
+  if 'confusion' in totals:  # segmentation (step.dense_sums)
+    scores = dense_metrics.from_confusion(totals['confusion'])
+    return {'miou': scores['miou'], 'pixel_accuracy': scores['pixel_accuracy'],
+            'loss': float(totals['loss_sum']) / max(float(totals['pixels']), 1.0),
+            'count': int(totals['count']), 'class_iou': scores['class_iou']}
   return {'top1': 100 * float(totals['correct1']) / count,
           'top5': 100 * float(totals['correct5']) / count,
           'loss': float(totals['loss_sum']) / count, 'count': int(totals['count'])}
@@ -67,5 +76,23 @@ def evaluate_student(eval_step, state, batches: EvalBatches, mesh) -> Dict[str, 
   out = evaluate(eval_step, student_variables(state), batches, mesh)
   if state.ema:
     ema = evaluate(eval_step, state.ema, batches, mesh)
-    out.update({f'ema_{k}': v for k, v in ema.items() if k != 'count'})
+    out.update({f'ema_{k}': v for k, v in ema.items() if k not in ('count', 'class_iou')})
   return out
+
+
+def headline(metrics: Dict[str, float]) -> str:
+  """The eval metric a run is ranked by: 'miou' for segmentation, else 'top1'."""
+  return 'miou' if 'miou' in metrics else 'top1'
+
+
+def describe(metrics: Dict[str, float]) -> str:
+  """The eval metrics in a log line: top-1/top-5, or mIoU and pixel accuracy; and the loss."""
+  if 'miou' in metrics:
+    return (f'miou {metrics["miou"]:.2f} pixel_accuracy {metrics["pixel_accuracy"]:.2f} '
+            f'loss {metrics["loss"]:.4f}')
+  return f'top1 {metrics["top1"]:.2f} top5 {metrics["top5"]:.2f} loss {metrics["loss"]:.4f}'
+
+
+def scalars(metrics: Dict[str, float]) -> Dict[str, float]:
+  """The metrics that are single numbers (for TensorBoard), each class's IoU left out."""
+  return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from afd_jax import layers, models, sharding
+from afd_jax import dense_metrics, layers, models, sharding
 from afd_jax.distill import cross_entropy, ensemble_kd_loss, kd_loss, soft_cross_entropy
+from afd_jax.distill.dense import pixel_cross_entropy, pixel_kd_loss
+from afd_jax.pixels import IGNORE_INDEX
 from afd_jax.mixing import mix_batch
 from afd_jax.state import TrainState, variables_of
 from afd_jax.task import Task, cast_floats
@@ -163,28 +165,46 @@ def _student_and_distiller(task: Task, params, batch_stats, teacher, images: jax
 
 
 def _step_metrics(terms: Metrics, loss, grads, logits, labels, learning_rate) -> Metrics:
-  """What every step logs: its loss terms, their total, the gradient norm, top-1, the rate."""
-  return {**terms, 'loss': loss, 'grad_norm': optax.tree.norm(grads),
-          'top1': jnp.mean(jnp.argmax(logits, -1) == labels), 'learning_rate': learning_rate}
+  """What every step logs: its loss terms, their total, the gradient norm, the rate, and top-1
+  (per-pixel logits: the pixel accuracy, ignored pixels left out)."""
+  correct = jnp.argmax(logits, -1) == labels
+  if logits.ndim == 4:
+    counted = labels != IGNORE_INDEX
+    top1 = jnp.sum(correct & counted) / jnp.maximum(jnp.sum(counted), 1)
+  else:
+    top1 = jnp.mean(correct)
+  return {**terms, 'loss': loss, 'grad_norm': optax.tree.norm(grads), 'top1': top1,
+          'learning_rate': learning_rate}
 
 
 def _main_loss(task: Task, step: jax.Array, logits, labels, targets, teacher, distilled):
   """`(loss, terms)`: `ce_weight * CE + kd_weight * KD(T) + feature_weight * feature_loss`,
   CE against the soft `targets` where the batch has them."""
-  terms = {'ce': cross_entropy(logits, labels) if targets is None
-           else soft_cross_entropy(logits, targets)}
+  if task.dense:  # per pixel, ignored pixels left out of CE
+    terms = {'ce': pixel_cross_entropy(logits, labels)}
+  else:
+    terms = {'ce': cross_entropy(logits, labels) if targets is None
+             else soft_cross_entropy(logits, targets)}
   if task.nan_at_step > 0:
     terms['ce'] = jnp.where(step + 1 == task.nan_at_step, jnp.nan, terms['ce'])
   loss = task.ce_weight * terms['ce']
   if task.kd_weight > 0:
-    terms['kd'] = (ensemble_kd_loss(logits, teacher[0], task.teacher_weights,
-                                    task.kd_temperature, task.kd_over_teachers)
-                   if task.teacher_weights else kd_loss(logits, teacher[0], task.kd_temperature))
+    terms['kd'] = _kd(task, logits, teacher[0])
     loss += task.kd_weight * terms['kd']
   if distilled is not None:
     terms[task.feature_name] = distilled[0]
     loss += task.feature_weight * distilled[0]
   return loss, terms
+
+
+def _kd(task: Task, logits, teacher_logits):
+  """KD on logits: per pixel for segmentation, over the teachers where there are several."""
+  if task.dense:
+    return pixel_kd_loss(logits, teacher_logits, task.kd_temperature)
+  if task.teacher_weights:
+    return ensemble_kd_loss(logits, teacher_logits, task.teacher_weights, task.kd_temperature,
+                            task.kd_over_teachers)
+  return kd_loss(logits, teacher_logits, task.kd_temperature)
 
 
 def _zero_groups(updates, groups: Tuple[str, ...]):
@@ -300,10 +320,14 @@ def make_pretrain_step(task: Task) -> Step:
 
 def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
   """`eval_step(variables, batch) -> sums` of correct top-1/top-5, loss and count, over the
-  examples whose `mask` is 1 (padding is masked out, so any batch size gives exact accuracy)."""
+  examples whose `mask` is 1 (padding is masked out, so any batch size gives exact accuracy).
+  A model with per-pixel logits sums a confusion matrix, the pixels' CE and their count
+  instead (`dense_sums`)."""
 
   def eval_step(variables, batch: Batch) -> Metrics:
     logits, _ = model.apply(variables, batch['image'], train=False)
+    if logits.ndim == 4:
+      return dense_sums(logits, batch['label'], batch['mask'])
     labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
     k = min(5, logits.shape[-1])
     top5 = jnp.any(jax.lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
@@ -314,6 +338,20 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
             'count': jnp.sum(mask)}
 
   return eval_step
+
+
+def dense_sums(logits, labels, mask) -> Metrics:
+  """Segmentation's eval sums over the examples whose `mask` is 1: the confusion matrix
+  (`dense_metrics.confusion_matrix`), the CE summed over counted pixels, their count, the
+  examples' count."""
+  counted = (labels != IGNORE_INDEX) & (mask.reshape(-1, 1, 1) > 0)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  safe = jnp.where(counted, labels, 0).astype(jnp.int32)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  return {'confusion': dense_metrics.confusion_matrix(jnp.argmax(logits, -1), labels,
+                                                      logits.shape[-1], mask=mask),
+          'loss_sum': jnp.sum(jnp.where(counted, nll, 0.0)),
+          'pixels': jnp.sum(counted.astype(jnp.int32)), 'count': jnp.sum(mask)}
 
 
 def jit_step(make: Callable[[Task], Step], task: Task, mesh: Mesh, teacher_sharding=None,

@@ -60,6 +60,9 @@ class Task:
   # `kd_over_teachers` how KD combines them (`distill.ensemble_kd_loss`). Empty: one teacher.
   teacher_weights: Tuple[float, ...] = ()
   kd_over_teachers: str = 'average'
+  # Segmentation: the models return B x H x W x K logits and the labels are B x H x W masks
+  # (IGNORE_INDEX where a pixel counts nowhere); CE and KD are per pixel (`distill.dense`).
+  dense: bool = False
 
   @property
   def distils_features(self) -> bool:
@@ -107,7 +110,8 @@ def is_distillation(config) -> bool:
 
 
 def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.float32,
-                     image_shape=None, num_train_examples: int = 0, train_labels=None) -> Task:
+                     image_shape=None, num_train_examples: int = 0, train_labels=None,
+                     dense: bool = False) -> Task:
   """The Task a config describes (models, distiller, objective, optimizer and schedule).
 
   `config` needs attribute access only (an ml_collections ConfigDict, or namespaces in the
@@ -117,12 +121,13 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
   in `dtype`; float64 (which needs jax_enable_x64) makes the whole state float64 too.
   `num_train_examples`: the training split's size, for methods that keep per-example state
   (0 where unknown); `train_labels`: its labels by index, for methods that declare
-  `needs_train_labels` (None where unknown)."""
+  `needs_train_labels` (None where unknown); `dense`: the data is segmentation masks."""
   distil = is_distillation(config)
   wide = dtype is not None and jnp.dtype(dtype) == jnp.dtype('float64')
   if wide and not jax.config.jax_enable_x64:
     raise ValueError("dtype float64 needs jax_enable_x64: jax.config.update('jax_enable_x64', "
                      'True), or build the task inside jax.enable_x64(True).')
+  check_task(config, dense)
   student = models.from_config(config.student, num_classes, dtype, image_shape)
   check_distillation_token(config, student)
   several = bool(getattr(config, 'teachers', ()))  # config.teachers: a models.Ensemble
@@ -157,7 +162,40 @@ def task_from_config(config, num_classes: int, steps_per_epoch: int, dtype=jnp.f
               teacher_weights=tuple(float(getattr(section, 'weight', 1.0))
                                     for _, section in teacher_sections(config)) if several
               else (),
-              kd_over_teachers=getattr(config.loss, 'kd_over_teachers', 'average'))
+              kd_over_teachers=getattr(config.loss, 'kd_over_teachers', 'average'),
+              dense=dense)
+
+
+def check_task(config, dense: bool) -> None:
+  """ValueError, in one line, where the models or the method do not fit the data: segmentation
+  masks need models with a segmentation head (`head`), class labels models without one, and
+  the method must distil that task (`Method.applies_to`)."""
+  task = 'segmentation' if dense else 'classification'
+  sections = [('student', config.student)]
+  if is_distillation(config):
+    sections += [(f'teacher {label}'.strip(), s) for label, s in teacher_sections(config)]
+  for role, section in sections:
+    head = getattr(section, 'head', '') or ''
+    if dense and not head:
+      raise ValueError(f'the data are segmentation masks: the {role} ({section.name}) needs a '
+                       f"segmentation head, e.g. --config.{role.split()[0]}.head=fpn (CNNs) or "
+                       'progressive (ViTs).')
+    if not dense and head:
+      raise ValueError(f'the {role} has head={head!r} (per-pixel logits), but the data are '
+                       "class labels; set its head to '' or use a segmentation dataset.")
+  if dense and getattr(config, 'teachers', ()) and is_distillation(config):
+    raise ValueError('several teachers (config.teachers) distil classification only; use one '
+                     'config.teacher for segmentation.')
+  if dense and Mixing.from_config(config).soft_targets:
+    raise ValueError('mixup, cutmix and label smoothing act on class labels; turn them off for '
+                     'segmentation.')
+  if config.method != 'none' and is_distillation(config):
+    method = distill.registry.get(config.method)
+    if task not in method.applies_to:
+      fits = ', '.join(distill.registry.for_task(task))
+      raise ValueError(f'method {config.method!r} distils {" and ".join(method.applies_to)} '
+                       f'only, and the data are {"segmentation masks" if dense else "class labels"}'
+                       f'; methods for {task}: {fits}.')
 
 
 def teacher_sections(config) -> Tuple[Tuple[str, Any], ...]:
@@ -257,7 +295,9 @@ def pretrain_task(config, spec: 'distill.registry.Pretrain', student, steps_per_
   tx = optax.chain(optax.add_decayed_weights(option('weight_decay')),
                    optax.sgd(lr, momentum=option('momentum') or None))
   classifier = ()
-  if 'student_body' in spec.trains:
+  if 'student_body' in spec.trains and models.is_segmenter(student):
+    classifier = ('classifier',)  # the per-pixel classifier; the body is backbone and head
+  elif 'student_body' in spec.trains:
     if image_shape is None:
       raise ValueError('a pre-training stage of the student body needs image_shape.')
     abstract = jax.eval_shape(lambda: student.init(

@@ -16,7 +16,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from afd_jax import checkpoint, data, distill, metrics, models, run_guard, sharding, step
+from afd_jax import (checkpoint, data, distill, evaluation, metrics, models, predictions,
+                     run_guard, sharding, step)
 from afd_jax import task as task_lib
 from afd_jax import weights
 from afd_jax.errors import UserError, warn
@@ -272,15 +273,15 @@ def _evaluate_teacher(s: _Setup, writer: metrics.Writer,
   if not models.is_ensemble(teacher):
     out = evaluate(step.jit_eval_step(teacher, s.mesh, placement), s.teacher_vars,
                    s.eval_batches, s.mesh)
-    writer.console(f'teacher {s.config.teacher.name}: top1 {out["top1"]:.2f} '
-                   f'top5 {out["top5"]:.2f}')
-    writer.scalars(start_step, {'teacher/top1': out['top1']})
+    key = evaluation.headline(out)
+    writer.console(f'teacher {s.config.teacher.name}: {evaluation.describe(out)}')
+    writer.scalars(start_step, {f'teacher/{key}': out[key]})
     return out
   outs = {}
   for k, label in enumerate(teacher.labels):
     out = outs[label] = evaluate(step.jit_eval_step(teacher.member(k), s.mesh, placement),
                                  s.teacher_vars, s.eval_batches, s.mesh)
-    writer.console(f'teacher {label}: top1 {out["top1"]:.2f} top5 {out["top5"]:.2f}')
+    writer.console(f'teacher {label}: {evaluation.describe(out)}')
     writer.scalars(start_step, {f'teacher/{label}/top1': out['top1']})
   return outs
 
@@ -400,22 +401,24 @@ class _StepLoop:
     s = self.setup
     m = self.eval_metrics = evaluate_student(self.eval_student, state, s.eval_batches, s.mesh)
     self.evaluated_at = step
-    self.writer.scalars(step, {f'eval/{k}': v for k, v in m.items()})
-    self.writer.console(f'eval at step {step}: top1 {m["top1"]:.2f} top5 {m["top5"]:.2f} '
-                        f'loss {m["loss"]:.4f}'
-                        + (f' (ema top1 {m["ema_top1"]:.2f})' if state.ema else ''))
+    self.writer.scalars(step, {f'eval/{k}': v for k, v in evaluation.scalars(m).items()})
+    key = evaluation.headline(m)
+    self.writer.console(f'eval at step {step}: {evaluation.describe(m)}'
+                        + (f' (ema {key} {m["ema_" + key]:.2f})' if state.ema else ''))
     if self.attention:
       save_attention(s.workdir, step, np.mean(self.attention, axis=0), s.task.student,
                      s.task.teacher, s.config, s.task.distiller)
       self.attention = []
 
   def _save(self, step: int, t: Optional[float] = None, *, state) -> None:
-    """A checkpoint of `state`, ranked by its eval top-1 where it was evaluated at this step."""
+    """A checkpoint of `state`, ranked by its eval top-1 (segmentation: mIoU) where it was
+    evaluated at this step."""
     del t
     s = self.setup
     meta = {'fingerprint': s.fingerprint, 'step': step, 'config_name': s.config.name,
             'train_time_sec': self.train_time(), 'eval': self.eval_metrics}
-    ranked = {'top1': self.eval_metrics['top1']} if self.evaluated_at == step else None
+    key = evaluation.headline(self.eval_metrics or {})
+    ranked = {key: self.eval_metrics[key]} if self.evaluated_at == step else None
     self.ckpts.save(step, state, meta, metrics=ranked)
   # pylint: enable=redefined-outer-name
 
@@ -440,8 +443,13 @@ def _summary(s: _Setup, state, status: str, loop: _StepLoop, teacher_eval, start
              'state_sha256': params_sha256(state)}
   if status == 'finished':
     checkpoint.write_json(os.path.join(s.workdir, 'summary.json'), summary)
-    writer.console(f'done: step {summary["final_step"]}, eval top1 '
-                   f'{(loop.eval_metrics or {}).get("top1", float("nan")):.2f}, '
+    if s.info.dense and s.config.get('plot_predictions', True):
+      predictions.write(s.workdir, s.eval_batches, s.info.num_classes, s.task.student,
+                        student_variables(state), s.task.teacher, s.teacher_vars,
+                        lambda x: step.teacher_images(s.task, x))
+    key = evaluation.headline(loop.eval_metrics or {})
+    writer.console(f'done: step {summary["final_step"]}, eval {key} '
+                   f'{(loop.eval_metrics or {}).get(key, float("nan")):.2f}, '
                    f'params_sha256 {summary["params_sha256"][:16]}...')
   return summary
 
@@ -454,9 +462,10 @@ def make_task(config, info: data.DatasetInfo, steps_per_epoch: int) -> task_lib.
               if task_lib.is_distillation(config) and config.method != 'none' else None)
     train_labels = (data.train_labels(config, info, jax.process_count())
                     if method is not None and method.needs_train_labels else None)
-    task = task_lib.task_from_config(config, info.num_classes, steps_per_epoch, DTYPES[config.dtype],
-                                 info.image_shape, num_train_examples=info.num_train,
-                                 train_labels=train_labels)
+    task = task_lib.task_from_config(config, info.num_classes, steps_per_epoch,
+                                     DTYPES[config.dtype], info.image_shape,
+                                     num_train_examples=info.num_train,
+                                     train_labels=train_labels, dense=info.dense)
     task_lib.check_batch_norm_groups(task, info.image_shape)
     task_lib.check_float64(task, info.image_shape)
   except (ValueError, TypeError) as e:  # a factory's kwargs, taps that match nothing, a grid

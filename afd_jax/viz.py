@@ -1,7 +1,8 @@
-"""Attention-link heatmaps: mean attention, teacher layers (rows) x student layers (columns)."""
+"""Attention-link heatmaps (mean attention, teacher layers (rows) x student layers (columns))
+and segmentation predictions beside the truth."""
 import io
 import textwrap
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import numpy as np
 from etils import epath
@@ -44,11 +45,45 @@ def plot_attention(attention: np.ndarray, teacher_labels: Sequence[str],
   if title:
     ax.set_title(title, fontsize=9)
   fig.colorbar(image, ax=ax, fraction=0.05, label='mean attention')
+  return _write_png(fig, path, 120)
+
+
+def plot_predictions(images: np.ndarray, columns: Sequence[Tuple[str, np.ndarray]],
+                     num_classes: int, path: str, ignore_index: int = 255) -> str:
+  """Writes a PNG grid to `path` (atomically): a row per image of `images` (N x H x W x C, any
+  range), then one column per `(title, N x H x W labels)` of `columns` (truth, predictions),
+  each class its colour, ignored pixels black. Returns the path."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  n = len(images)
+  palette = plt.get_cmap('tab20', max(num_classes, 2))
+  fig, axes = plt.subplots(n, 1 + len(columns), figsize=(1.6 * (1 + len(columns)), 1.6 * n),
+                           squeeze=False)
+  for row in range(n):
+    image = np.asarray(images[row], np.float64)
+    image = (image - image.min()) / max(image.max() - image.min(), 1e-12)
+    axes[row, 0].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap='gray')
+    for col, (_, labels) in enumerate(columns, 1):
+      labels = np.asarray(labels[row])
+      colours = palette(np.clip(labels, 0, num_classes - 1))[..., :3]
+      colours[labels == ignore_index] = 0.0
+      axes[row, col].imshow(colours, interpolation='nearest')
+  for col, title in enumerate(['image'] + [t for t, _ in columns]):
+    axes[0, col].set_title(title, fontsize=8)
+  for ax in axes.ravel():
+    ax.set_axis_off()
+  return _write_png(fig, path, 100)
+
+
+def _write_png(fig, path: str, dpi: int) -> str:
+  """`fig` as a PNG at `path` (local or GCS), written atomically; the figure is closed."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig.tight_layout()
   buffer = io.BytesIO()
-  fig.savefig(buffer, format='png', dpi=120)
+  fig.savefig(buffer, format='png', dpi=dpi)
   plt.close(fig)
-  out = epath.Path(path)  # local or GCS
+  out = epath.Path(path)
   tmp = out.with_name(out.name + '.tmp')
   tmp.write_bytes(buffer.getvalue())
   tmp.replace(out)

@@ -28,6 +28,9 @@ def _model_options(section: ml_collections.ConfigDict) -> None:
   section.prefix_tokens = -1     # token taps: class/register tokens to drop; -1 = from the model
   section.token_grid = ()        # token taps: (h, w); () = from the image's patch grid or sqrt(N)
   section.train_arg = ''         # train flag: '' = from __call__ | a name | '!name' (eval) | none
+  section.head = ''              # segmentation: '' = the model's classifier | fpn (CNNs) |
+                                 # progressive (ViTs): per-pixel logits (models/segmentation.py)
+  section.head_width = 64        # channels of the segmentation head's levels
 
 
 def teacher_entry(name: str, checkpoint: str = '', *, weight: float = 1.0, label: str = '',
@@ -50,7 +53,10 @@ def get_base_config() -> ml_collections.ConfigDict:
                                  # afd, fitnet, at, sp)
 
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = 'cifar100'    # a TFDS name, 'digits', 'fashion_mnist_local' or 'image_folder'
+  c.dataset.name = 'cifar100'    # a TFDS name, 'digits', 'fashion_mnist_local' or 'image_folder';
+                                 # segmentation: fashion_mnist_scenes, oxford_iiit_pet, mask_folder
+  c.dataset.num_classes = 0      # mask_folder: its masks' classes (255 = ignored)
+  c.dataset.scale = (0.5, 2.0)   # segmentation: the random scale range before the crop
   c.dataset.data_dir = ''        # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
   c.dataset.folder = ''          # image_folder: root with train/ and test/ (or valid/);
                                  # fashion_mnist_local: the IDX folder (default: Debian's)
@@ -60,7 +66,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.dataset.augment = 'cifar'    # cifar (pad + random crop + flip) | imagenet | none
   c.dataset.crop_padding = 4     # cifar augmentation: zero padding before the random crop
   c.dataset.random_flip = True   # horizontal flips (cifar and imagenet augmentation)
-  c.dataset.image_size = 32      # imagenet augmentation: output size (eval: resize 256/224 ratio)
+  c.dataset.image_size = 32      # imagenet augmentation: output size (eval: resize 256/224 ratio);
+                                 # segmentation: the crop (eval: resized to it)
   c.dataset.mean = (0.5071, 0.4867, 0.4408)
   c.dataset.std = (0.2675, 0.2565, 0.2761)
   c.dataset.shuffle_buffer = 0   # 0: a full permutation of the split each epoch
@@ -181,6 +188,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.keep_best = True             # also keep the checkpoint with the best eval top-1
   c.resume_from = ''             # a workdir to start from when this workdir has no checkpoint
   c.plot_attention = True
+  c.plot_predictions = True      # segmentation: predictions.png (image, truth, student, teacher)
   c.ema_decay = 0.0              # >0: keep an exponential moving average of the student's
                                  # parameters (DeiT: 0.99996) and evaluate it too (eval_ema)
   c.debug_nan_at_step = 0        # >0: make the CE loss NaN at this step (tests the divergence guard)

@@ -417,18 +417,19 @@ def test_student_init_checkpoint_of_another_class_count_gets_a_fresh_classifier(
   assert not np.isin(kernel, want["['params']['fc']['kernel']"]).any()
 
 
-def test_keep_best_prunes_to_exactly_the_latest_and_the_best(tmp_path):
+@pytest.mark.parametrize('metric', ['top1', 'miou'])
+def test_keep_best_prunes_to_exactly_the_latest_and_the_best(tmp_path, metric):
   """keep_checkpoints=1 with keep_best: of five saves only the latest and the best eval top-1
-  remain; a save without eval metrics (a periodic one) is never the best. Without keep_best:
-  the latest only."""
+  (segmentation: mIoU) remain; a save without eval metrics (a periodic one) is never the best.
+  Without keep_best: the latest only."""
   state = {'w': np.arange(4, dtype=np.float32)}
   saves = ((1, 40.0), (2, 70.0), (3, None), (4, 55.0), (5, None))
   for keep_best, kept in ((True, [2, 5]), (False, [5])):
     workdir = str(tmp_path / str(keep_best))
     ckpts = checkpoint.Checkpoints(workdir, keep=1, keep_best=keep_best)
-    for step_count, top1 in saves:
+    for step_count, value in saves:
       ckpts.save(step_count, state, {'step': step_count},
-                 metrics=None if top1 is None else {'top1': top1})
+                 metrics=None if value is None else {metric: value})
     ckpts.close()
     assert checkpoint.Checkpoints(workdir, create=False).steps() == kept, keep_best
 

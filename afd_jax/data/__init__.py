@@ -1,4 +1,5 @@
-"""Input pipelines: TFDS datasets, our offline `digits` / `fashion_mnist_local`, image folders.
+"""Input pipelines: TFDS datasets, our offline `digits` / `fashion_mnist_local`, image folders;
+for segmentation `fashion_mnist_scenes`, `oxford_iiit_pet` and folders of images with masks.
 
 Importing this package does not import TensorFlow; the functions that need it import it.
 Each process reads its own disjoint share of every split and yields host-local numpy batches of
@@ -18,14 +19,33 @@ class DatasetInfo:
   image_shape: Tuple[int, int, int]  # (H, W, C) of the arrays the iterators yield
   num_train: int                     # examples in the (possibly subset) train split, all processes
   num_eval: int                      # examples in the eval split, all processes
+  dense: bool = False                # segmentation: labels are B x H x W masks (`is_dense`)
+
+
+# Segmentation datasets (afd_jax/data/segmentation_sources.py): their batches' labels are masks.
+DENSE_NAMES = ('fashion_mnist_scenes', 'oxford_iiit_pet', 'mask_folder')
+
+
+def is_dense(config) -> bool:
+  """Does `config.dataset` name a segmentation dataset?"""
+  return config.dataset.name in DENSE_NAMES
+
+
+def _api(config):
+  """The TensorFlow side for `config.dataset`: classification's or segmentation's."""
+  # pylint: disable=g-import-not-at-top
+  if is_dense(config):
+    from afd_jax.data import segmentation_api
+    return segmentation_api
+  from afd_jax.data import api
+  return api
 
 
 def dataset_info(config, *, process_count: int = 1,
                  num_devices: Optional[int] = None) -> DatasetInfo:
   """Validates `config` (batch sizes against the process and device counts where given) and the
   dataset, building `digits` / `fashion_mnist_local` on first use. Raises UserError."""
-  from afd_jax.data import api  # pylint: disable=g-import-not-at-top
-  return api.dataset_info(config, process_count=process_count, num_devices=num_devices)
+  return _api(config).dataset_info(config, process_count=process_count, num_devices=num_devices)
 
 
 def train_iterator(config, info: DatasetInfo, *, start_step: int, process_index: int,
@@ -34,10 +54,10 @@ def train_iterator(config, info: DatasetInfo, *, start_step: int, process_index:
   batch k is global step k; starting at `start_step` continues an uninterrupted stream exactly.
   The process's rows are the batches of its shards (see `num_shards`), concatenated. Data held
   in memory (no `shuffle_buffer`) also gives 'index': int32 [b], each example's position in the
-  training split (global over shards and processes), for methods with per-example state (CRD)."""
-  from afd_jax.data import api  # pylint: disable=g-import-not-at-top
-  return api.train_iterator(config, info, start_step=start_step, process_index=process_index,
-                            process_count=process_count)
+  training split (global over shards and processes), for methods with per-example state (CRD).
+  Segmentation: 'label' is int32 [b, H, W], the masks (no 'index')."""
+  return _api(config).train_iterator(config, info, start_step=start_step,
+                                     process_index=process_index, process_count=process_count)
 
 
 def train_labels(config, info: DatasetInfo, process_count: int = 1):
@@ -52,8 +72,8 @@ def eval_iterator(config, info: DatasetInfo, *, process_index: int,
                   process_count: int) -> Iterator[dict]:
   """One pass over this process's eval share: {'image', 'label', 'mask'} batches of
   eval_batch_size // process_count, `mask` 0 on padding; `num_eval_batches` batches."""
-  from afd_jax.data import api  # pylint: disable=g-import-not-at-top
-  return api.eval_iterator(config, info, process_index=process_index, process_count=process_count)
+  return _api(config).eval_iterator(config, info, process_index=process_index,
+                                    process_count=process_count)
 
 
 def local_batch_size(global_batch: int, process_count: int, what: str = 'batch_size') -> int:

@@ -126,11 +126,11 @@ def eval_batches(records, augment: Augment, decode: Callable, batch_size: int,
   ds = records.map(prepare, AUTOTUNE).batch(batch_size).map(
       lambda x: {'image': augment.eval_batch(x['image']), 'label': x['label']}, AUTOTUNE)
   count = 0
-  for x in _deterministic(ds).as_numpy_iterator():
-    yield _padded(x['image'], x['label'], batch_size)
+  for x in deterministic(ds).as_numpy_iterator():
+    yield padded(x['image'], x['label'], batch_size)
     count += 1
   for _ in range(count, num_batches):
-    yield _padded(np.zeros((0,) + shape, np.float32), np.zeros([0], np.int32), batch_size)
+    yield padded(np.zeros((0,) + shape, np.float32), np.zeros([0], np.int32), batch_size)
 
 
 def _batch_examples(ds, stream: Stream, augment: Augment, decode: Optional[Callable]):
@@ -152,7 +152,7 @@ def _finish_train(ds, stream: Stream, augment: Augment):
   def finish(x):
     key = _key(stream, x['epoch'], _BATCH_DRAWS, x['step'])
     return {'image': augment.train_batch(x['image'], key), 'label': x['label'], **_index(x)}
-  return _deterministic(ds.map(finish, AUTOTUNE).prefetch(AUTOTUNE))
+  return deterministic(ds.map(finish, AUTOTUNE).prefetch(AUTOTUNE))
 
 
 def _index(x) -> dict:
@@ -167,14 +167,14 @@ def _key(stream: Stream, epoch, draws: int, position):
   return key
 
 
-def _deterministic(ds):
+def deterministic(ds):
   options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options)
 
 
-def _padded(image, label, batch_size: int) -> dict:
+def padded(image, label, batch_size: int) -> dict:
   n, pad = len(label), batch_size - len(label)
   return {'image': np.pad(image, [(0, pad)] + [(0, 0)] * (image.ndim - 1)),
-          'label': np.pad(label, (0, pad)),
+          'label': np.pad(label, [(0, pad)] + [(0, 0)] * (label.ndim - 1)),
           'mask': (np.arange(batch_size) < n).astype(np.float32)}

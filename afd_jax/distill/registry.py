@@ -19,10 +19,12 @@ import flax.linen as nn
 
 # The extra inputs a method may declare, each passed by the step as a keyword argument:
 INPUTS = {
-    'student_logits': 'B x classes float32 logits of the student (training mode)',
+    'student_logits': 'B x classes float32 logits of the student (training mode); '
+                      'B x H x W x classes for segmentation',
     'student_dist_logits': "B x classes float32 logits of the student's distillation-token head "
                            "(DeiT students: models whose class names it, `distillation_head`)",
-    'teacher_logits': 'B x classes float32 logits of the teacher (constants)',
+    'teacher_logits': 'B x classes float32 logits of the teacher (constants); '
+                      'B x H x W x classes for segmentation',
     'labels': 'B int32 labels',
     'index': "B int32 indices of the examples in the training split (the data's 'index')",
     'epoch': 'int32 scalar: the 1-based epoch of the main stage, after any pre-training stage '
@@ -31,6 +33,9 @@ INPUTS = {
     'student_embedding': "B x D: the input of the student's classifier (penultimate features)",
     'teacher_embedding': "B x D: the input of the teacher's classifier (constants)",
 }
+
+
+TASKS = ('classification', 'segmentation')  # B x classes logits | B x H x W x classes logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +136,19 @@ class Method:
   # pairs layers, stages, logits or embeddings of one teacher with the student leaves it False
   # and is refused with several teachers.
   several_teachers: bool = False
+  # The tasks it distils ('classification', 'segmentation'); empty: derived from its inputs (a
+  # loss over feature maps alone serves both, one that reads logits, labels, embeddings or
+  # example indices classification alone). CWD, over per-pixel logits, is segmentation's alone.
+  tasks: Tuple[str, ...] = ()
+
+  @property
+  def applies_to(self) -> Tuple[str, ...]:
+    """The tasks it distils (`tasks`, or what its inputs allow)."""
+    if self.tasks:
+      return self.tasks
+    if set(self.inputs) - {'rng', 'epoch'}:
+      return ('classification',)
+    return TASKS
 
   @property
   def needs_distillation_token(self) -> bool:
@@ -150,6 +168,9 @@ class Method:
     return found
 
   def __post_init__(self):
+    if any(t not in TASKS for t in self.tasks):
+      raise ValueError(f'method {self.name!r}: tasks takes {", ".join(TASKS)}, not '
+                       f'{list(self.tasks)}.')
     unknown = [i for i in self.inputs if i not in INPUTS]
     if unknown:
       raise ValueError(f'method {self.name!r} declares unknown inputs {unknown}; known: '
@@ -181,6 +202,11 @@ def register(method: Method) -> Method:
 def with_attention() -> Tuple[str, ...]:
   """The methods whose distiller returns a layer-link attention (`Method.attention`)."""
   return tuple(name for name, m in _METHODS.items() if m.attention)
+
+
+def for_task(task: str) -> Tuple[str, ...]:
+  """'none' and the registered methods that distil `task` (`Method.applies_to`)."""
+  return ('none',) + tuple(n for n, m in _METHODS.items() if task in m.applies_to)
 
 
 def registered() -> Tuple[str, ...]:

@@ -23,6 +23,7 @@ from afd_jax.models.deit import DeiT
 from afd_jax.models.ensemble import Ensemble, is_ensemble, members_of
 from afd_jax.models.resnet import BasicBlock, Bottleneck, ResNet
 from afd_jax.models.resnet_cifar import CifarResNet
+from afd_jax.models.segmentation import HEADS as SEGMENTATION_HEADS
 from afd_jax.models.segmentation import Segmenter
 from afd_jax.models.taps import Tap, stage_final
 from afd_jax.models.tapping import Tapped, tap
@@ -195,7 +196,8 @@ def create(name: str, num_classes: int, *, dtype: Optional[Any] = None,
 def from_config(section, num_classes: int, dtype=None, image_shape=None):
   """The model a config section describes (`name`, and for any model `taps`; for a factory
   `kwargs` and `train_arg`; for token taps `prefix_tokens` (-1: from the model) and
-  `token_grid` (() = infer); `drop_path_rate` where the section has it).
+  `token_grid` (() = infer); `drop_path_rate` where the section has it). With `head` ('fpn' or
+  'progressive') it is a `Segmenter` over that model (`head_width` channels, default 64).
 
   `taps` is '' (the zoo's own taps; 'auto' for a factory), 'auto', or comma-separated patterns.
   Works on ConfigDicts and on plain namespaces that have only `name`."""
@@ -210,13 +212,28 @@ def from_config(section, num_classes: int, dtype=None, image_shape=None):
   grid = tuple(getattr(section, 'token_grid', ()) or ()) or None
   if (is_factory(section.name) or taps is not None) and image_shape is None:
     raise ValueError(f'model {section.name!r} with taps found by tracing needs the image shape.')
-  return create(section.name, num_classes, dtype=dtype, taps=taps, kwargs=kwargs,
-                prefix_tokens=None if prefix is None or prefix < 0 else prefix, grid=grid,
-                image_shape=image_shape, train_arg=getattr(section, 'train_arg', '') or '',
-                drop_path_rate=float(getattr(section, 'drop_path_rate', 0.0) or 0.0))
+  head = getattr(section, 'head', '') or ''
+  if head and head not in SEGMENTATION_HEADS:
+    raise ValueError(f'head={head!r} for model {section.name!r}; expected one of '
+                     f'{", ".join(SEGMENTATION_HEADS)} (or \'\' for a classifier).')
+  model = create(section.name, 1 if head else num_classes, dtype=dtype, taps=taps,
+                 kwargs=kwargs, prefix_tokens=None if prefix is None or prefix < 0 else prefix,
+                 grid=grid, image_shape=image_shape,
+                 train_arg=getattr(section, 'train_arg', '') or '',
+                 drop_path_rate=float(getattr(section, 'drop_path_rate', 0.0) or 0.0))
+  if not head:
+    return model
+  return Segmenter(model, num_classes, head, width=int(getattr(section, 'head_width', 0) or 64),
+                   dtype=dtype)
+
+
+def is_segmenter(model) -> bool:
+  """Does `model` return per-pixel logits (a `Segmenter`)?"""
+  return isinstance(model, Segmenter)
 
 
 __all__ = ['apply_with_dist_logits', 'apply_with_embedding', 'classifier_path', 'from_config',
            'create', 'names', 'check_name', 'is_factory', 'has_distillation_token',
            'DISTILLED_NAMES', 'drop_path_names', 'Ensemble', 'is_ensemble', 'members_of',
-           'Segmenter', 'Tap', 'Tapped', 'stage_final', 'tap']
+           'is_segmenter', 'Segmenter', 'SEGMENTATION_HEADS', 'Tap', 'Tapped', 'stage_final',
+           'tap']
