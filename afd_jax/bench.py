@@ -19,6 +19,8 @@ its model axis (`config.teacher.shard`), `--shard-student` the train state
 `--method all` (the default) times ce, kd and afd in one process, interleaving them in rounds so
 that machine noise hits all alike, and prints the ratios afd/kd and kd/ce; `--method kd,crd,...`
 times any registered methods the same way. Needs only jax, flax, optax and numpy (no TensorFlow).
+`--head fpn` (or progressive) puts both models under a segmentation head: per-pixel logits and
+labels, for segmentation's methods (`--method ce,kd,cwd,afd`).
 """
 import argparse
 import json
@@ -89,8 +91,9 @@ class Case:
     self.method, self.bn_group_size = method, args.bn_group_size
     shape = (args.image_size, args.image_size, args.channels)
     # CIFAR's 50000 training examples at 781 steps per epoch (methods with per-example state).
-    self.task = task_lib.task_from_config(config, args.num_classes, 781, DTYPES[args.dtype], shape,
-                                      num_train_examples=50000)
+    dense = bool(getattr(args, 'head', ''))
+    self.task = task_lib.task_from_config(config, args.num_classes, 781, DTYPES[args.dtype],
+                                          shape, num_train_examples=50000, dense=dense)
     rep = sharding.replicated(mesh)
     images = jnp.zeros((2,) + shape)
     self.teacher_vars, placement = None, None
@@ -111,7 +114,8 @@ class Case:
     rng = np.random.default_rng(0)
     self.batch = sharding.global_batch(
         {'image': rng.normal(size=(args.batch,) + shape).astype(np.float32),
-         'label': rng.integers(0, args.num_classes, args.batch).astype(np.int32),
+         'label': rng.integers(0, args.num_classes, (args.batch,) + shape[:2] if dense
+                               else args.batch).astype(np.int32),
          'index': rng.permutation(50000)[:args.batch].astype(np.int32)}, mesh)
     jitted = step.jit_train_step(self.task, mesh, placement, state_placement)
     start = time.perf_counter()
@@ -141,8 +145,10 @@ class Case:
 
 
 def model_options(args, side: str) -> Dict[str, object]:
-  """`taps` and `kwargs` of `--teacher` / `--student` (for models from outside the zoo)."""
-  options = {'taps': getattr(args, f'{side}_taps', '') or ''}
+  """`taps` and `kwargs` of `--teacher` / `--student` (for models from outside the zoo), and
+  the segmentation head of `--head`."""
+  options = {'taps': getattr(args, f'{side}_taps', '') or '',
+             'head': getattr(args, 'head', '') or ''}
   kwargs = getattr(args, f'{side}_kwargs', '') or ''
   if kwargs:
     options['kwargs'] = json.loads(kwargs)
@@ -243,6 +249,9 @@ def make_parser() -> argparse.ArgumentParser:
   parser.add_argument('--channels', type=int, default=3)
   parser.add_argument('--num-classes', type=int, default=100)
   parser.add_argument('--qk-dim', type=int, default=128)
+  parser.add_argument('--head', default='', choices=('',) + models.SEGMENTATION_HEADS,
+                      help='segmentation: both models under this head (per-pixel logits and '
+                           'labels; methods such as cwd)')
   parser.add_argument('--json', action='store_true', help='print one JSON object')
   parser.add_argument('--compare-dtypes', action='store_true',
                       help='also report the first step\'s loss terms in bfloat16 vs float32')
@@ -279,11 +288,14 @@ def parse_args(argv):
   if unknown:
     parser.error(f'unknown method(s) {unknown}; choose from all, {", ".join(method_names())}')
   try:  # the models' taps (patterns that match nothing, a token grid that cannot be known)
-    task_lib.task_from_config(bench_config('kd', args.teacher, args.student, args.qk_dim,
-                                       model_options(args, 'teacher'),
-                                       model_options(args, 'student')),
-                          args.num_classes, 781, jnp.float32,
-                          (args.image_size, args.image_size, args.channels))
+    configs = [bench_config(m, args.teacher, args.student, args.qk_dim,
+                            model_options(args, 'teacher'), model_options(args, 'student'))
+               for m in methods]
+    for config in configs:  # each method fits the task (cwd: segmentation only)
+      task_lib.check_task(config, bool(args.head))
+    task_lib.task_from_config(configs[0], args.num_classes, 781, jnp.float32,
+                              (args.image_size, args.image_size, args.channels),
+                              dense=bool(args.head))
   except (ValueError, TypeError) as e:
     parser.error(str(e))
   return args, methods, mesh
@@ -325,7 +337,7 @@ def make_report(args, results, global_cases: List[Case]) -> Dict[str, object]:
             'backend': jax.default_backend(), 'teacher': args.teacher, 'student': args.student,
             'batch': args.batch, 'dtype': args.dtype, 'image_size': args.image_size,
             'teacher_dtype': args.teacher_dtype or args.dtype, 'bn_group_size': args.bn_group_size,
-            'devices': jax.device_count(),
+            'devices': jax.device_count(), 'head': getattr(args, 'head', '') or '',
             'peak_memory_bytes': peak_memory_bytes(), 'results': results}
   if global_cases:
     report['global_bn_results'] = [summarize(c, args.batch) for c in global_cases]
@@ -347,7 +359,8 @@ def print_report(report, args) -> None:
   groups = f'BN groups of {args.bn_group_size}' if args.bn_group_size else 'global BN'
   print(f'{report["device"]} ({report["backend"]}), {args.teacher} -> {args.student}, batch '
         f'{args.batch}, {args.dtype} (teacher {report["teacher_dtype"]}), '
-        f'{args.image_size}x{args.image_size}, {groups}')
+        f'{args.image_size}x{args.image_size}, {groups}'
+        + (f', segmentation ({report["head"]} head)' if report['head'] else ''))
   print(f'{"method":8s} {"compile s":>9s} {"step ms":>9s} {"img/s":>9s} {"GFLOP/step":>11s} '
         f'{"TFLOP/s":>8s} {"collectives":>11s} {"MB":>7s} {"hlo ops":>8s}')
   for r in results:

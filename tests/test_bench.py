@@ -2,7 +2,7 @@
 ml_collections, clu, orbax and torch are made unimportable): its default methods (ce, kd,
 afd), its table, the collectives of global and grouped batch norm, the operations a step
 launches (`collectives.top_level_ops`), the parameter bytes per device and XLA's memory
-analysis, and its refusal of bad arguments."""
+analysis, a segmentation pair (--head), and its refusal of bad arguments."""
 import json
 import subprocess
 import sys
@@ -102,6 +102,26 @@ def test_bench_shards_the_teacher_and_the_train_state_over_the_model_axis_of_its
   resnet14 = (181108 - 90 * 65) * 4  # test_models.py's count at 100 classes, less 90 x (64 + 1)
   assert 0 < kd['param_bytes_per_device']['teacher'] <= 0.3 * resnet14
   assert 0 < kd['param_bytes_per_device']['student'] <= 0.35 * RESNET8_PARAMETERS_10_CLASSES * 4
+
+
+def test_bench_times_a_segmentation_pair_with_cwd(capsys):
+  """--head fpn (in this process, on its 8 devices): both models under the FPN head, per-pixel
+  labels; CWD is timed beside the student alone (AFD's segmentation step: its trace in
+  test_segmentation_train.py), and CWD on a classification pair is refused in one line."""
+  from afd_jax import bench as bench_lib  # pylint: disable=g-import-not-at-top
+  assert bench_lib.main(['--teacher', 'resnet8', '--student', 'resnet8', '--head', 'fpn',
+                         '--batch', '8', '--image-size', '8', '--num-classes', '3', '--steps',
+                         '1', '--rounds', '1', '--warmup', '1', '--method', 'ce,cwd',
+                         '--json']) in (0, None)
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  rows = {r['method']: r for r in report['results']}
+  assert sorted(rows) == ['ce', 'cwd'] and report['head'] == 'fpn'
+  assert rows['cwd']['hlo_ops'] > rows['ce']['hlo_ops'] > 0  # the teacher's forward, CWD
+  assert rows['cwd']['gflops_per_step'] > 0 and rows['cwd']['steps_timed'] == 1
+  with pytest.raises(SystemExit) as refused:
+    bench_lib.main(['--method', 'cwd'])
+  assert refused.value.code == 2
+  assert "method 'cwd' distils segmentation only" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_bench_rejects_bad_arguments():
