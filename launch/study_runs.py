@@ -15,6 +15,7 @@ import subprocess
 from typing import Callable, Dict, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCORES = ('top1', 'miou', 'pixel_accuracy')  # what a run's record keeps of its final eval
 
 
 def load_record(path: str) -> Dict[str, dict]:
@@ -68,7 +69,8 @@ def run(root: str, name: str, cmd, record, record_path: str, needed_on_disk: boo
             'taught by another teacher, so the study stops here', flush=True)
       return 1
     return 0
-  record[name] = {'top1': summary['eval']['top1'], 'wall_time_sec': summary['wall_time_sec'],
+  scores = {k: summary['eval'][k] for k in SCORES if k in summary['eval']}
+  record[name] = {**scores, 'wall_time_sec': summary['wall_time_sec'],
                   'params_sha256': summary['params_sha256'], 'commit': commit()}
   save_record(record_path, record)
   if on_recorded is not None:
@@ -76,14 +78,14 @@ def run(root: str, name: str, cmd, record, record_path: str, needed_on_disk: boo
   return 0
 
 
-def table_row(label: str, runs: Sequence[Optional[dict]]) -> Optional[str]:
-  """`| label | mean ± std | per seed | median wall s |` over the recorded `runs` (None: not yet
-  run), or None where none is recorded."""
+def table_row(label: str, runs: Sequence[Optional[dict]], key: str = 'top1') -> Optional[str]:
+  """`| label | mean ± std | per seed | median wall s |` of `key` over the recorded `runs`
+  (None: not yet run), or None where none is recorded."""
   found = [r for r in runs if r]
   if not found:
     return None
-  tops = [r['top1'] for r in found]
+  tops = [r[key] for r in found]
   spread = f' ± {statistics.stdev(tops):.2f}' if len(tops) > 1 else ''
-  per_seed = ', '.join(f'{r["top1"]:.2f}' if r else '-' for r in runs)
+  per_seed = ', '.join(f'{r[key]:.2f}' if r else '-' for r in runs)
   wall = statistics.median(r['wall_time_sec'] for r in found)
   return f'| {label} | {statistics.mean(tops):.2f}{spread} | {per_seed} | {wall:.0f} |'
