@@ -3,9 +3,11 @@
 Args: data (scenes | pets | folder), method (teacher | none | kd | cwd | afd | at | fitnet | ...:
 any method that distils segmentation), seed.
 - scenes (the offline study): `fashion_mnist_scenes`, 48x48 grey scenes of Fashion-MNIST
-  garments, 11 classes (background + 10); teacher resnet20 + FPN, student resnet8 + FPN;
-  12 epochs of the 10,000 training scenes, batch 64, SGD 0.05 with cosine decay, weight decay
-  5e-4, random scale 0.75-1.5, crop 48, flip. Eval: the 2,000 test scenes, mIoU.
+  garments, 11 classes (background + 10); teacher resnet20 + FPN, student resnet8 + FPN (head
+  width 32); 10 epochs of the first 5,000 training scenes, batch 64, SGD 0.05 with cosine decay,
+  weight decay 5e-4, random scale 0.75-1.5, crop 48, flip. Eval: the 2,000 test scenes, mIoU.
+  On an idle 2-core CPU (2026-12-08) a step takes 1.4 s for the teacher, 0.8-1.0 s for a
+  distilled student: about 18 and 11-13 minutes a run.
 - pets: TFDS `oxford_iiit_pet` (prepare it first: `tfds build oxford_iiit_pet`), 2 classes
   (pet, background; the trimap's border ignored), crops of 128, resnet18im + FPN teacher and
   resnet8 + FPN student... at this size a GPU's work.
@@ -56,7 +58,9 @@ def get_config(arg: str = ''):
   if a['data'] == 'scenes':
     c.dataset.mean, c.dataset.std = stats.FASHION_MNIST_SCENES_MEAN, stats.FASHION_MNIST_SCENES_STD
     c.dataset.scale = (0.75, 1.5)
-    c.num_epochs, c.batch_size, c.eval_batch_size = 12, 64, 500
+    c.teacher.head_width = c.student.head_width = 32
+    c.dataset.train_subset = 5000
+    c.num_epochs, c.batch_size, c.eval_batch_size = 10, 64, 500
   else:
     c.dataset.mean, c.dataset.std = stats.IMAGENET_MEAN, stats.IMAGENET_STD
     c.num_epochs, c.batch_size, c.eval_batch_size = (80, 16, 16) if a['data'] == 'folder' else (
