@@ -52,14 +52,10 @@ def main():
   root, seeds = os.path.abspath(args.root), [int(s) for s in args.seeds.split(',')]
   record = study_runs.load_record(RECORD)
   if not args.report_only:
-    plan = [('teacher', 0)] + [(m, s) for s in seeds for m, _ in ROWS]
-    needs_teacher = any(command(root, m, s)[0] not in record for m, s in plan[1:] if m != 'none')
-    for method, seed in plan:
-      name, cmd = command(root, method, seed)
-      if study_runs.run(root, name, cmd, record, RECORD,
-                        needed_on_disk=name == TEACHER_RUN and needs_teacher,
-                        on_recorded=copy_plots):
-        sys.exit(1)
+    plan = [(*command(root, m, s), m not in ('teacher', 'none'))
+            for m, s in [('teacher', 0)] + [(m, s) for s in seeds for m, _ in ROWS]]
+    if study_runs.run_plan(root, plan, record, RECORD, TEACHER_RUN, copy_plots):
+      sys.exit(1)
   rows = ['| run | mIoU (%) | per seed | wall s per run (median) |', '|---|---|---|---|']
   teacher = study_runs.table_row('teacher: resnet20 + FPN (seed 0)', [record.get(TEACHER_RUN)],
                                  'miou')

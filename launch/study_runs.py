@@ -78,6 +78,20 @@ def run(root: str, name: str, cmd, record, record_path: str, needed_on_disk: boo
   return 0
 
 
+def run_plan(root: str, plan, record, record_path: str, teacher_run: str,
+             on_recorded: Optional[Callable[[str, str], None]] = None) -> int:
+  """Runs (or resumes) every `(name, command, uses_teacher)` of `plan` in order (`run`);
+  `teacher_run` is trained again where its folder is gone only while an unrecorded run of the
+  plan uses it. Returns the first non-zero exit code, else 0."""
+  needs_teacher = any(uses and name not in record for name, _, uses in plan)
+  for name, cmd, _ in plan:
+    code = run(root, name, cmd, record, record_path,
+               needed_on_disk=name == teacher_run and needs_teacher, on_recorded=on_recorded)
+    if code:
+      return code
+  return 0
+
+
 def table_row(label: str, runs: Sequence[Optional[dict]], key: str = 'top1') -> Optional[str]:
   """`| label | mean ± std | per seed | median wall s |` of `key` over the recorded `runs`
   (None: not yet run), or None where none is recorded."""

@@ -56,15 +56,10 @@ def main():
   root, seeds = os.path.abspath(args.root), [int(s) for s in args.seeds.split(',')]
   record = study_runs.load_record(RECORD)
   if not args.report_only:
-    plan = [('teacher_b', '', 0)] + [(m, t, s) for s in seeds for m, t, _ in ROWS]
-    needs_b = any(command(root, m, t, s)[0] not in record
-                  for m, t, s in plan[1:] if 'b' in t)
-    for method, teachers, seed in plan:
-      name, cmd = command(root, method, teachers, seed)
-      if study_runs.run(root, name, cmd, record, RECORD,
-                        needed_on_disk=name == TEACHER_B_RUN and needs_b,
-                        on_recorded=copy_attention_plot):
-        sys.exit(1)
+    runs = [('teacher_b', '', 0)] + [(m, t, s) for s in seeds for m, t, _ in ROWS]
+    plan = [(*command(root, m, t, s), 'b' in t) for m, t, s in runs]
+    if study_runs.run_plan(root, plan, record, RECORD, TEACHER_B_RUN, copy_attention_plot):
+      sys.exit(1)
   rows = ['| run | top-1 (%) | per seed | wall s per run (median) |', '|---|---|---|---|']
   teacher_b = study_runs.table_row('teacher b: wrn16x2 (seed 0)', [record.get(TEACHER_B_RUN)])
   rows += [teacher_b] if teacher_b else []

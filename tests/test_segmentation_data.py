@@ -55,26 +55,31 @@ def write_idx(path, array):
     f.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_the_builder_writes_image_and_mask_pairs(tmp_path):
-  source = tmp_path / 'fashion'
-  source.mkdir()
+def test_the_builder_writes_image_and_mask_pairs_that_its_source_decodes(tmp_path):
+  source_dir = tmp_path / 'fashion'
+  source_dir.mkdir()
   images, classes = garments()
   for image_file, label_file in FILES.values():
-    write_idx(str(source / image_file), images)
-    write_idx(str(source / label_file), classes)
-  builder = scenes.FashionMnistScenes(data_dir=str(tmp_path / 'tfds'), source_dir=str(source),
-                                      scenes={'train': 12, 'test': 5})
+    write_idx(str(source_dir / image_file), images)
+    write_idx(str(source_dir / label_file), classes)
+  builder = scenes.FashionMnistScenes(data_dir=str(tmp_path / 'tfds'),
+                                      source_dir=str(source_dir), scenes={'train': 12, 'test': 5})
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
   assert builder.info.metadata['num_classes'] == scenes.NUM_CLASSES
   test = list(tfds.as_numpy(builder.as_dataset(split='test')))
-  assert len(test) == 5
   expected_images, expected_masks = scenes.compose_scenes(images, classes, 5,
                                                           scenes.SEEDS['test'])
-  for example, image, mask in zip(test, expected_images, expected_masks):
-    np.testing.assert_array_equal(example['image'], image)
-    np.testing.assert_array_equal(example['segmentation_mask'], mask)
-
+  source = segmentation_sources.TfdsMaskSource(builder, scenes.NUM_CLASSES)
+  got = decoded(source, 'test')  # decoded and checked as training reads them
+  assert len(test) == len(got) == 5
+  for example, (image, mask), e_image, e_mask in zip(test, got, expected_images, expected_masks):
+    np.testing.assert_array_equal(example['image'], e_image)
+    np.testing.assert_array_equal(example['segmentation_mask'], e_mask)
+    np.testing.assert_array_equal(image, e_image)
+    np.testing.assert_array_equal(mask, e_mask[..., 0])
+  names = [r['name'].numpy().decode() for r in source.records('test', index=1, count=2)]
+  assert names == ['fashion_mnist_scenes test example 3', 'fashion_mnist_scenes test example 4']
 
 # ---------------------------------------------------------------------------------------------
 # Folders of images and PNG masks, and the checks every decoded pair passes.
@@ -171,24 +176,3 @@ def test_joint_augmentation_keeps_image_and_mask_aligned_and_the_ignore_index():
   same = [np.asarray(x) for x in joint_augment.eval_pair(image[:16, :16], mask[:16, :16], 16)]
   np.testing.assert_array_equal(same[1], mask[:16, :16])
 
-
-def test_fashion_mnist_scenes_source_decodes_the_builders_pairs(tmp_path):
-  source_dir = tmp_path / 'fashion'
-  source_dir.mkdir()
-  images, classes = garments()
-  for image_file, label_file in FILES.values():
-    write_idx(str(source_dir / image_file), images)
-    write_idx(str(source_dir / label_file), classes)
-  builder = scenes.FashionMnistScenes(data_dir=str(tmp_path / 'tfds'),
-                                      source_dir=str(source_dir), scenes={'train': 4, 'test': 3})
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  source = segmentation_sources.TfdsMaskSource(builder, scenes.NUM_CLASSES)
-  expected = scenes.compose_scenes(images, classes, 3, scenes.SEEDS['test'])
-  got = decoded(source, 'test')
-  assert len(got) == 3
-  for (image, mask), e_image, e_mask in zip(got, *expected):
-    np.testing.assert_array_equal(image, e_image)
-    np.testing.assert_array_equal(mask, e_mask[..., 0])
-  names = [r['name'].numpy().decode() for r in source.records('test', index=1, count=2)]
-  assert names == ['fashion_mnist_scenes test example 2']

@@ -16,14 +16,28 @@ from afd_jax.errors import UserError
 def dataset_info(config, *, process_count: int = 1,
                  num_devices: Optional[int] = None) -> DatasetInfo:
   d = config.dataset
+  check_batch_sizes(config, process_count, num_devices)
+  if d.train_subset < 0 or d.shuffle_buffer < 0:
+    raise UserError('dataset.train_subset and dataset.shuffle_buffer must be >= 0.')
+  source, augment = _open(config)
+  return DatasetInfo(name=d.name, num_classes=source.num_classes,
+                     image_shape=augment.output_shape, num_train=train_size(config, source),
+                     num_eval=source.size(d.eval_split))
+
+
+def check_batch_sizes(config, process_count: int, num_devices: Optional[int]) -> None:
+  """UserError unless the global batch sizes divide over the processes and devices."""
   local_batch_size(config.batch_size, process_count)
   local_batch_size(config.eval_batch_size, process_count, 'eval_batch_size')
   for what in ('batch_size', 'eval_batch_size'):
     if num_devices and config[what] % num_devices:
       raise UserError(f'{what}={config[what]} must be a multiple of the {num_devices} devices.')
-  if d.train_subset < 0 or d.shuffle_buffer < 0:
-    raise UserError('dataset.train_subset and dataset.shuffle_buffer must be >= 0.')
-  source, augment = _open(config)
+
+
+def train_size(config, source) -> int:
+  """The training split's size after `dataset.train_subset`; UserError if the subset exceeds
+  the split or the split holds less than one global batch."""
+  d = config.dataset
   num_train = source.size(d.train_split)
   if d.train_subset > num_train:
     raise UserError(f'dataset.train_subset={d.train_subset} exceeds the {num_train} examples of '
@@ -32,16 +46,22 @@ def dataset_info(config, *, process_count: int = 1,
   if num_train < config.batch_size:
     raise UserError(f'{source.name} {d.train_split} has {num_train} examples, fewer than one '
                     f'global batch (batch_size={config.batch_size}).')
-  return DatasetInfo(name=d.name, num_classes=source.num_classes,
-                     image_shape=augment.output_shape, num_train=num_train,
-                     num_eval=source.size(d.eval_split))
+  return num_train
 
 
 def train_iterator(config, info: DatasetInfo, *, start_step: int, process_index: int,
                    process_count: int) -> Iterator[dict]:
+  return process_batches(_shard_batches, config, info, start_step, process_index,
+                         process_count)
+
+
+def process_batches(shard_batches, config, info: DatasetInfo, start_step: int,
+                    process_index: int, process_count: int) -> Iterator[dict]:
+  """This process's training batches: those of its shards (`shard_batches(config, info, shard,
+  shards, start_step, process_count)` each), concatenated in shard order."""
   shards = num_shards(config, process_count)
   per_process = shards // process_count
-  streams = [_shard_batches(config, info, shard, shards, start_step, process_count)
+  streams = [shard_batches(config, info, shard, shards, start_step, process_count)
              for shard in range(process_index * per_process, (process_index + 1) * per_process)]
   if per_process == 1:
     return streams[0]

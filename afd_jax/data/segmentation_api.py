@@ -12,9 +12,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from afd_jax.data import (DatasetInfo, local_batch_size, num_eval_batches, num_shards,
-                          steps_per_epoch)
-from afd_jax.data import joint_augment, pipeline, segmentation_sources
+from afd_jax.data import DatasetInfo, local_batch_size, num_eval_batches, steps_per_epoch
+from afd_jax.data import api, joint_augment, pipeline, segmentation_sources
 from afd_jax.data.augment import normalize
 from afd_jax.data.tfimport import tf
 from afd_jax.errors import UserError
@@ -39,36 +38,19 @@ def _check(config, source) -> None:
 def dataset_info(config, *, process_count: int = 1,
                  num_devices: Optional[int] = None) -> DatasetInfo:
   d = config.dataset
-  local_batch_size(config.batch_size, process_count)
-  local_batch_size(config.eval_batch_size, process_count, 'eval_batch_size')
-  for what in ('batch_size', 'eval_batch_size'):
-    if num_devices and config[what] % num_devices:
-      raise UserError(f'{what}={config[what]} must be a multiple of the {num_devices} devices.')
+  api.check_batch_sizes(config, process_count, num_devices)
   source = segmentation_sources.open_source(d)
   _check(config, source)
-  num_train = source.size(d.train_split)
-  if d.train_subset > num_train:
-    raise UserError(f'dataset.train_subset={d.train_subset} exceeds the {num_train} examples of '
-                    f'{source.name} {d.train_split}.')
-  num_train = d.train_subset or num_train
-  if num_train < config.batch_size:
-    raise UserError(f'{source.name} {d.train_split} has {num_train} examples, fewer than one '
-                    f'global batch (batch_size={config.batch_size}).')
   return DatasetInfo(name=d.name, num_classes=source.num_classes,
                      image_shape=(d.image_size, d.image_size, source.channels),
-                     num_train=num_train, num_eval=source.size(d.eval_split), dense=True)
+                     num_train=api.train_size(config, source),
+                     num_eval=source.size(d.eval_split), dense=True)
 
 
 def train_iterator(config, info: DatasetInfo, *, start_step: int, process_index: int,
                    process_count: int) -> Iterator[dict]:
-  shards = num_shards(config, process_count)
-  per_process = shards // process_count
-  streams = [_shard_batches(config, info, shard, shards, start_step, process_count)
-             for shard in range(process_index * per_process, (process_index + 1) * per_process)]
-  if per_process == 1:
-    return streams[0]
-  return ({k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
-          for parts in zip(*streams))
+  return api.process_batches(_shard_batches, config, info, start_step, process_index,
+                             process_count)
 
 
 def _shard_batches(config, info: DatasetInfo, shard: int, shards: int, start_step: int,
