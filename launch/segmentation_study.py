@@ -12,7 +12,6 @@ docs/results/segmentation_runs.json (launch/study_runs.py); seed 0's AFD attenti
 docs/results/segmentation_afd_attention.png and its predictions to
 docs/results/segmentation_predictions.png.
 """
-import argparse
 import os
 import shutil
 import sys
@@ -44,14 +43,9 @@ def copy_plots(name: str, folder: str) -> None:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--root', default=os.path.join(study_runs.REPO, 'workdirs', 'segmentation'))
-  parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--report-only', action='store_true')
-  args = parser.parse_args()
-  root, seeds = os.path.abspath(args.root), [int(s) for s in args.seeds.split(',')]
+  root, seeds, report_only = study_runs.parse_args(__doc__.split('\n')[0], 'segmentation')
   record = study_runs.load_record(RECORD)
-  if not args.report_only:
+  if not report_only:
     plan = [(*command(root, m, s), m not in ('teacher', 'none'))
             for m, s in [('teacher', 0)] + [(m, s) for s in seeds for m, _ in ROWS]]
     if study_runs.run_plan(root, plan, record, RECORD, TEACHER_RUN, copy_plots):

@@ -7,15 +7,28 @@ without its workdirs; a run whose checkpoint a later run needs (a teacher) is tr
 where its folder is gone, and must give the recorded params_sha256. SIGTERM to the runner stops
 the run in progress at a checkpoint.
 """
+import argparse
 import json
 import os
 import signal
 import statistics
 import subprocess
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCORES = ('top1', 'miou', 'pixel_accuracy')  # what a run's record keeps of its final eval
+
+
+def parse_args(description: str, default_root: str) -> Tuple[str, List[int], bool]:
+  """A study runner's `--root`, `--seeds` and `--report-only`: (absolute root, seeds, report
+  only)."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument('--root', default=os.path.join(REPO, 'workdirs', default_root))
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--report-only', action='store_true')
+  args = parser.parse_args()
+  return (os.path.abspath(args.root), [int(s) for s in args.seeds.split(',')],
+          args.report_only)
 
 
 def load_record(path: str) -> Dict[str, dict]:

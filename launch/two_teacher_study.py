@@ -11,7 +11,6 @@ log in ROOT/<run>/); results go to docs/results/two_teachers_runs.json (launch/s
 and seed 0's AFD attention over both teachers' layers to
 docs/results/two_teachers_afd_attention.png.
 """
-import argparse
 import os
 import shutil
 import sys
@@ -48,14 +47,9 @@ def copy_attention_plot(name: str, folder: str) -> None:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--root', default=os.path.join(study_runs.REPO, 'workdirs', 'two_teachers'))
-  parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--report-only', action='store_true')
-  args = parser.parse_args()
-  root, seeds = os.path.abspath(args.root), [int(s) for s in args.seeds.split(',')]
+  root, seeds, report_only = study_runs.parse_args(__doc__.split('\n')[0], 'two_teachers')
   record = study_runs.load_record(RECORD)
-  if not args.report_only:
+  if not report_only:
     runs = [('teacher_b', '', 0)] + [(m, t, s) for s in seeds for m, t, _ in ROWS]
     plan = [(*command(root, m, t, s), 'b' in t) for m, t, s in runs]
     if study_runs.run_plan(root, plan, record, RECORD, TEACHER_B_RUN, copy_attention_plot):
