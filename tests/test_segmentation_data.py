@@ -2,21 +2,25 @@
 label every drawn garment pixel with its class + 1, background 0), built through TFDS from IDX
 files a test writes; folders of images and PNG masks (paired by name, an unmatched file refused
 naming it); every decoded pair checked (a mask of another size, a label above the classes,
-each a failure naming the file); joint augmentation that keeps image and mask aligned and the
-ignore index through resizing and padding."""
+each a failure naming the file, in the training stream one UserError line); joint augmentation
+that keeps image and mask aligned and the ignore index through resizing and padding;
+oxford_iiit_pet's trimaps mapped to pet, background and ignored border."""
 import gzip
 import re
+import types
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from afd_jax import data
 from afd_jax.data import joint_augment, segmentation_sources
 from afd_jax.data.builders import fashion_mnist_scenes as scenes
 from afd_jax.data.builders.fashion_mnist_local import FILES
 from afd_jax.data.tfimport import tf
 from afd_jax.errors import UserError
 from afd_jax.pixels import IGNORE_INDEX
+from configs import segmentation
 
 
 def garments(n=6, seed=0):
@@ -176,3 +180,35 @@ def test_joint_augmentation_keeps_image_and_mask_aligned_and_the_ignore_index():
   same = [np.asarray(x) for x in joint_augment.eval_pair(image[:16, :16], mask[:16, :16], 16)]
   np.testing.assert_array_equal(same[1], mask[:16, :16])
 
+
+
+def test_oxford_pets_trimaps_become_pet_background_and_ignored_border():
+  """oxford_iiit_pet through TFDS (mock data: no download): 2 classes of RGB images; a trimap's
+  1 (pet), 2 (background), 3 (border) decode to 1, 0 and the ignore index."""
+  config = types.SimpleNamespace(name='oxford_iiit_pet', data_dir='', folder='',
+                                 get=lambda key, default=None: default)
+  with tfds.testing.mock_data(num_examples=3):
+    source = segmentation_sources.open_source(config)
+    assert (source.num_classes, source.channels, source.size('test')) == (2, 3, 3)
+    trimap = np.array([[1, 2, 3], [3, 2, 1]], np.uint8)
+    record = {'image': tf.io.encode_png(np.zeros((2, 3, 3), np.uint8)),
+              'mask': tf.io.encode_png(trimap[..., None]), 'name': tf.constant('pet')}
+    _, mask = source.decode(record)
+  np.testing.assert_array_equal(mask, [[1, 0, IGNORE_INDEX], [IGNORE_INDEX, 0, 1]])
+
+
+def test_a_bad_mask_in_the_training_stream_is_one_user_error_naming_its_file(tmp_path):
+  image, mask = a_pair()
+  pairs = {f'{i}': a_pair(seed=i) for i in range(3)}
+  pairs['2'] = (image, np.where(mask == 1, 9, mask).astype(np.uint8))  # label 9 of 3 classes
+  root = mask_folder(tmp_path, pairs)
+  config = segmentation.get_config('data=folder,method=teacher')
+  config.dataset.folder, config.dataset.num_classes, config.dataset.image_size = str(root), 3, 8
+  config.batch_size = config.eval_batch_size = 3
+  config.dataset.eval_split = 'train'
+  info = data.dataset_info(config)
+  assert info.dense and info.image_shape == (8, 8, 3) and info.num_train == 3
+  stream = data.train_iterator(config, info, start_step=0, process_index=0, process_count=1)
+  with pytest.raises(UserError, match=r'^\S+/train/masks/2\.png: label 9 is not below the 3 '
+                                      r'classes nor the ignore index 255$'):
+    next(stream)
