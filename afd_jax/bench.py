@@ -288,12 +288,13 @@ def parse_args(argv):
   if unknown:
     parser.error(f'unknown method(s) {unknown}; choose from all, {", ".join(method_names())}')
   try:  # the models' taps (patterns that match nothing, a token grid that cannot be known)
-    configs = [bench_config(m, args.teacher, args.student, args.qk_dim,
-                            model_options(args, 'teacher'), model_options(args, 'student'))
-               for m in methods]
-    for config in configs:  # each method fits the task (cwd: segmentation only)
-      task_lib.check_task(config, bool(args.head))
-    task_lib.task_from_config(configs[0], args.num_classes, 781, jnp.float32,
+    options = (model_options(args, 'teacher'), model_options(args, 'student'))
+    for m in methods:  # each method fits the task (cwd: segmentation only)
+      task_lib.check_task(bench_config(m, args.teacher, args.student, args.qk_dim, *options),
+                          bool(args.head))
+    task_lib.task_from_config(bench_config('kd', args.teacher, args.student, args.qk_dim,
+                                           *options),  # builds the teacher too
+                              args.num_classes, 781, jnp.float32,
                               (args.image_size, args.image_size, args.channels),
                               dense=bool(args.head))
   except (ValueError, TypeError) as e:

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
+from afd_jax import dense_metrics
 from afd_jax.distill import registry
 from afd_jax.errors import DiskFull, UserError, verbose, warn
 from afd_jax.state import TrainState
@@ -44,7 +45,7 @@ FINGERPRINT = ('dataset.name', 'num_classes', 'student.name', 'teacher.name', 'm
 
 def best_metric(metrics: Dict[str, float]) -> float:
   """What ranks a checkpoint for `keep_best`: its eval mIoU (segmentation), else its top-1."""
-  return metrics['miou'] if 'miou' in metrics else metrics['top1']
+  return metrics[dense_metrics.headline(metrics)]
 
 
 def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
@@ -73,6 +74,7 @@ def fingerprint(config, num_classes: int, distil: bool) -> Dict[str, Any]:
   head = getattr(config.student, 'head', '') if hasattr(config, 'student') else ''
   if head:  # a segmentation student: its head's parameters are in the state
     out['student.head'] = head
+    out['student.head_width'] = getattr(config.student, 'head_width', 64)
   return out
 
 

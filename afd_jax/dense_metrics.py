@@ -13,6 +13,12 @@ import numpy as np
 from afd_jax.pixels import IGNORE_INDEX
 
 
+def headline(metrics: Dict[str, float]) -> str:
+  """The eval metric a run is ranked by (best checkpoint, study tables): 'miou' for
+  segmentation, else 'top1'."""
+  return 'miou' if 'miou' in metrics else 'top1'
+
+
 def confusion_matrix(predictions: jax.Array, labels: jax.Array, num_classes: int,
                      ignore_index: int = IGNORE_INDEX,
                      mask: Optional[jax.Array] = None) -> jax.Array:

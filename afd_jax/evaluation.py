@@ -80,17 +80,16 @@ def evaluate_student(eval_step, state, batches: EvalBatches, mesh) -> Dict[str, 
   return out
 
 
-def headline(metrics: Dict[str, float]) -> str:
-  """The eval metric a run is ranked by: 'miou' for segmentation, else 'top1'."""
-  return 'miou' if 'miou' in metrics else 'top1'
+headline = dense_metrics.headline
 
 
-def describe(metrics: Dict[str, float]) -> str:
+def describe(metrics: Dict[str, float], loss: bool = True) -> str:
   """The eval metrics in a log line: top-1/top-5, or mIoU and pixel accuracy; and the loss."""
   if 'miou' in metrics:
-    return (f'miou {metrics["miou"]:.2f} pixel_accuracy {metrics["pixel_accuracy"]:.2f} '
-            f'loss {metrics["loss"]:.4f}')
-  return f'top1 {metrics["top1"]:.2f} top5 {metrics["top5"]:.2f} loss {metrics["loss"]:.4f}'
+    line = f'miou {metrics["miou"]:.2f} pixel_accuracy {metrics["pixel_accuracy"]:.2f}'
+  else:
+    line = f'top1 {metrics["top1"]:.2f} top5 {metrics["top5"]:.2f}'
+  return line + (f' loss {metrics["loss"]:.4f}' if loss else '')
 
 
 def scalars(metrics: Dict[str, float]) -> Dict[str, float]:

@@ -44,8 +44,8 @@ def mean_metrics(history: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarr
 def first_non_finite(history: Sequence[Dict[str, np.ndarray]], first_step: int) -> Optional[str]:
   """A message naming the first step and loss term that is not finite, or None."""
   for i, metrics in enumerate(history):
-    terms = sorted(k for k in metrics if k not in ('loss', 'grad_norm', 'top1', 'learning_rate',
-                                                   'attention'))
+    terms = sorted(k for k in metrics if k not in ('loss', 'grad_norm', 'top1', 'pixel_accuracy',
+                                                   'learning_rate', 'attention'))
     for name in (*terms, 'loss', 'grad_norm'):
       if name in metrics and not np.all(np.isfinite(metrics[name])):
         term = 'gradient' if name == 'grad_norm' else f'loss term {name!r}'

@@ -4,6 +4,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from afd_jax import viz
 from afd_jax.pixels import IGNORE_INDEX
@@ -29,6 +30,9 @@ def write(workdir: str, eval_batches, num_classes: int, student, student_variabl
   """Writes `workdir/predictions.png` (process 0 only): image, truth, student, and the teacher
   where there is one (`teacher_images`: the images as the teacher takes them)."""
   path = os.path.join(workdir, 'predictions.png')
+  if jax.process_count() > 1:  # every process takes part; process 0 then draws on host copies
+    student_variables, teacher_variables = multihost_utils.process_allgather(
+        (student_variables, teacher_variables), tiled=True)
   if jax.process_index() != 0:
     return path
   images, labels = first_eval_images(eval_batches)

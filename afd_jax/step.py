@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from afd_jax import dense_metrics, layers, models, sharding
 from afd_jax.distill import cross_entropy, ensemble_kd_loss, kd_loss, soft_cross_entropy
-from afd_jax.distill.dense import pixel_cross_entropy, pixel_kd_loss
+from afd_jax.distill.dense import pixel_cross_entropy, pixel_kd_loss, pixel_nll
 from afd_jax.pixels import IGNORE_INDEX
 from afd_jax.mixing import mix_batch
 from afd_jax.state import TrainState, variables_of
@@ -166,14 +166,14 @@ def _student_and_distiller(task: Task, params, batch_stats, teacher, images: jax
 
 def _step_metrics(terms: Metrics, loss, grads, logits, labels, learning_rate) -> Metrics:
   """What every step logs: its loss terms, their total, the gradient norm, the rate, and top-1
-  (per-pixel logits: the pixel accuracy, ignored pixels left out)."""
+  (per-pixel logits: 'pixel_accuracy', ignored pixels left out)."""
   correct = jnp.argmax(logits, -1) == labels
   if logits.ndim == 4:
     counted = labels != IGNORE_INDEX
-    top1 = jnp.sum(correct & counted) / jnp.maximum(jnp.sum(counted), 1)
+    accuracy = {'pixel_accuracy': jnp.sum(correct & counted) / jnp.maximum(jnp.sum(counted), 1)}
   else:
-    top1 = jnp.mean(correct)
-  return {**terms, 'loss': loss, 'grad_norm': optax.tree.norm(grads), 'top1': top1,
+    accuracy = {'top1': jnp.mean(correct)}
+  return {**terms, 'loss': loss, 'grad_norm': optax.tree.norm(grads), **accuracy,
           'learning_rate': learning_rate}
 
 
@@ -344,10 +344,8 @@ def dense_sums(logits, labels, mask) -> Metrics:
   """Segmentation's eval sums over the examples whose `mask` is 1: the confusion matrix
   (`dense_metrics.confusion_matrix`), the CE summed over counted pixels, their count, the
   examples' count."""
-  counted = (labels != IGNORE_INDEX) & (mask.reshape(-1, 1, 1) > 0)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  safe = jnp.where(counted, labels, 0).astype(jnp.int32)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  nll, counted = pixel_nll(logits, labels)
+  counted &= mask.reshape(-1, 1, 1) > 0
   return {'confusion': dense_metrics.confusion_matrix(jnp.argmax(logits, -1), labels,
                                                       logits.shape[-1], mask=mask),
           'loss_sum': jnp.sum(jnp.where(counted, nll, 0.0)),

@@ -274,14 +274,14 @@ def _evaluate_teacher(s: _Setup, writer: metrics.Writer,
     out = evaluate(step.jit_eval_step(teacher, s.mesh, placement), s.teacher_vars,
                    s.eval_batches, s.mesh)
     key = evaluation.headline(out)
-    writer.console(f'teacher {s.config.teacher.name}: {evaluation.describe(out)}')
+    writer.console(f'teacher {s.config.teacher.name}: {evaluation.describe(out, loss=False)}')
     writer.scalars(start_step, {f'teacher/{key}': out[key]})
     return out
   outs = {}
   for k, label in enumerate(teacher.labels):
     out = outs[label] = evaluate(step.jit_eval_step(teacher.member(k), s.mesh, placement),
                                  s.teacher_vars, s.eval_batches, s.mesh)
-    writer.console(f'teacher {label}: {evaluation.describe(out)}')
+    writer.console(f'teacher {label}: {evaluation.describe(out, loss=False)}')
     writer.scalars(start_step, {f'teacher/{label}/top1': out['top1']})
   return outs
 
@@ -386,10 +386,11 @@ class _StepLoop:
     speed = self.progress.update(step)
     self.writer.scalars(step, {**{f'train/{k}': float(v) for k, v in means.items()}, **speed})
     s = self.setup
+    accuracy = 'pixel_accuracy' if 'pixel_accuracy' in means else 'top1'
     self.writer.console(
         f'step {step}/{s.total_steps} (epoch {step / s.steps_per_epoch:.2f}) '
         f'{metrics.format_terms(means, ["loss", "pretrain", "ce", "kd", s.config.method])} '
-        f'top1 {100 * means["top1"]:.1f} lr {means["learning_rate"]:.4g} | '
+        f'{accuracy} {100 * means[accuracy]:.1f} lr {means["learning_rate"]:.4g} | '
         f'{speed["images_per_sec"]:.0f} img/s, {1000 * speed["step_time"]:.0f} ms/step, '
         f'ETA {metrics.format_duration(speed["eta_sec"])}')
     self.history, self.history_start = [], step

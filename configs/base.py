@@ -31,6 +31,7 @@ def _model_options(section: ml_collections.ConfigDict) -> None:
   section.head = ''              # segmentation: '' = the model's classifier | fpn (CNNs) |
                                  # progressive (ViTs): per-pixel logits (models/segmentation.py)
   section.head_width = 64        # channels of the segmentation head's levels
+  section.head_upsamplings = 0   # progressive: 2x steps; 0 = log2 of the model's patch size
 
 
 def teacher_entry(name: str, checkpoint: str = '', *, weight: float = 1.0, label: str = '',

@@ -14,8 +14,8 @@ any method that distils segmentation), seed.
 - folder: `mask_folder`, the layout Cityscapes and VOC convert to (`root/<split>/images/*`,
   `root/<split>/masks/*.png`, 255 ignored); set --config.dataset.folder and
   --config.dataset.num_classes (Cityscapes: 19). Crops of 512, resnet50im + FPN teacher,
-  resnet18im + FPN student, 80 epochs, batch 16 (see docs/segmentation.md for the commands
-  and what a run costs).
+  resnet18im + FPN student, 80 epochs, batch 16 (commands: docs/segmentation.md; the cost
+  of such a run has not been measured here).
 Method weights: none = CE; kd = CE + pixel KD (T 1, weight 1); cwd = CE + 3 CWD (T 4, the CWD
 authors' recipe); afd = CE + 200 L_AFD over the backbone and head taps (no KD, to compare the
 feature losses alone); other registered methods at their own defaults.
@@ -48,7 +48,7 @@ def get_config(arg: str = ''):
   name, crop, (teacher, student) = DATA[a['data']]
   method = 'none' if a['method'] == 'teacher' else a['method']
   c = methods.set_method(methods.get_base_config(), method)
-  c.loss.ce_weight, c.loss.kd_weight = LOGIT_WEIGHTS.get(method, (1.0, 0.0))
+  c.loss.ce_weight, c.loss.kd_weight = LOGIT_WEIGHTS.get(method, methods.logit_weights(method))
   c.loss.kd_temperature = 1.0
   c.name = f'segmentation-{a["data"]}-{a["method"]}-s{a["seed"]}'
   c.seed = int(a['seed'])

@@ -1,11 +1,12 @@
 """Segmentation end to end: a teacher with an FPN head trained on a folder of images and masks
 written here, then CWD from it on 8 devices; every method that distils segmentation traces a
-train step on per-pixel logits. The run's eval mIoU equals a
-NumPy confusion count over the model's own predictions on every eval image (padding of the last
-batch and the ignore index included); the distilled runs read the teacher back (its eval there
-equals its own run's) and the CWD run draws its predictions. (The best checkpoint by mIoU: tests/test_checkpoint.py.) Refusals: models without a head
-on masks, a head on class labels, a classification-only method on masks, CWD on class labels,
-mixing on masks, and an image without a mask from the CLI (one line naming the file)."""
+train step on per-pixel logits (and its own stage, where it has one). The teacher run's eval
+mIoU equals a NumPy confusion count over the model's own predictions on every eval image
+(padding of the last batch and the ignore index included); the CWD run reads the teacher back
+(its eval there equals its own run's) and draws its predictions. (The best checkpoint by mIoU:
+tests/test_checkpoint.py.) Refusals: models without a head on masks, a head on class labels, a
+classification-only method on masks, CWD on class labels, mixing and several teachers on
+masks, and an image without a mask from the CLI (one line naming the file)."""
 import os
 
 import jax
@@ -119,13 +120,22 @@ def test_every_segmentation_method_makes_a_train_step(method):
   batch = {'image': images, 'label': jax.ShapeDtypeStruct((8, SIZE, SIZE), jnp.int32)}
   _, metrics = jax.eval_shape(step.make_train_step(task), state, teacher, batch)
   expected = {'none': set(), 'kd': {'kd'}}.get(method, {method} if task.feature_weight else set())
-  assert expected <= set(metrics) and metrics['top1'].shape == ()
+  assert expected <= set(metrics) and metrics['pixel_accuracy'].shape == ()
+  if task.pretrain is not None:  # AB, FT, FSP: their own stage, the student's body a Segmenter's
+    if 'student_body' in task.pretrain.trains:  # the body: all but the per-pixel classifier
+      assert task.pretrain.classifier == ('classifier',)
+    _, metrics = jax.eval_shape(step.make_pretrain_step(task), state, teacher, batch)
+    assert metrics['pretrain'].shape == ()
+  assert expected or method in ('none', 'ab', 'fsp')  # weight 0 in the main stage: their stage
 
 
 def fields(dataset_name='mask_folder', **sections):
   config = segmentation.get_config('data=folder,method=cwd')
   config.dataset.name = dataset_name
   for key, value in sections.items():
+    if '__' not in key:
+      config[key] = value
+      continue
     section, leaf = key.split('__')
     setattr(getattr(config, section), leaf, value)
   return config
@@ -138,6 +148,8 @@ def fields(dataset_name='mask_folder', **sections):
     ({'student__head': '', 'teacher__head': ''}, False,
      r"method 'cwd' distils segmentation only.*methods for classification: none, afd"),
     ({'mixup__mixup_alpha': 0.8}, True, 'mixup, cutmix and label smoothing act on class labels'),
+    ({'method': 'afd', 'teachers': [{'name': 'resnet8', 'head': 'fpn'}] * 2}, True,
+     r'several teachers \(config.teachers\) distil classification only'),
 ])
 def test_models_and_methods_that_do_not_fit_the_data_are_refused(change, dense, message):
   with pytest.raises(ValueError, match=message):

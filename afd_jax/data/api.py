@@ -38,6 +38,8 @@ def train_size(config, source) -> int:
   """The training split's size after `dataset.train_subset`; UserError if the subset exceeds
   the split or the split holds less than one global batch."""
   d = config.dataset
+  if d.train_subset < 0:
+    raise UserError('dataset.train_subset must be >= 0.')
   num_train = source.size(d.train_split)
   if d.train_subset > num_train:
     raise UserError(f'dataset.train_subset={d.train_subset} exceeds the {num_train} examples of '

@@ -1,9 +1,12 @@
 """Augmentation of an image and its label mask together, as TF ops from stateless keys.
 
-- train: scale both by s ~ U[min_scale, max_scale] (the image bilinearly, the mask by nearest
-  neighbour, so labels stay labels), pad to at least `crop` (image 0, mask IGNORE_INDEX), take
-  the same random `crop` x `crop` window of both, mirror both left-right with probability 1/2.
-- eval: resize both to `crop` x `crop` (bilinear / nearest) where the size differs.
+- train: scale both so that the shorter side is `crop`, times s ~ U[min_scale, max_scale] (the
+  image bilinearly, the mask by nearest neighbour, so labels stay labels), pad to at least
+  `crop` (image 0, mask IGNORE_INDEX), take the same random `crop` x `crop` window of both,
+  mirror both left-right with probability 1/2.
+- eval: scale both so that the shorter side is `crop` (the training scale at s = 1), then take
+  the central `crop` x `crop` window. A pair whose shorter side is `crop` already is not
+  resized (the offline scenes).
 The ignore index survives every step: nearest-neighbour resizing never mixes labels, padding
 adds ignored pixels.
 
@@ -30,7 +33,7 @@ def train_pair(image, mask, key, crop: int, scale: Tuple[float, float] = (0.5, 2
   """uint8 image [H, W, C] and mask [H, W] -> the augmented `crop` x `crop` pair (see above)."""
   u = tf.random.stateless_uniform([4], key)
   shape = tf.cast(tf.shape(mask), tf.float32)
-  s = scale[0] + (scale[1] - scale[0]) * u[0]
+  s = (scale[0] + (scale[1] - scale[0]) * u[0]) * (crop / tf.reduce_min(shape))  # x 1: crop-sized
   new = tf.maximum(tf.cast(tf.round(shape * s), tf.int32), 1)
   image, mask = _resize_pair(image, mask, new[0], new[1])
   pad_h, pad_w = tf.maximum(crop - new[0], 0), tf.maximum(crop - new[1], 0)
@@ -49,10 +52,18 @@ def train_pair(image, mask, key, crop: int, scale: Tuple[float, float] = (0.5, 2
 
 
 def eval_pair(image, mask, crop: int):
-  """The pair at `crop` x `crop` (unchanged where it already is)."""
+  """The shorter side scaled to `crop` (not resized where it is already), the central
+  `crop` x `crop` window of both."""
   shape = tf.shape(mask)
-  same = tf.logical_and(tf.equal(shape[0], crop), tf.equal(shape[1], crop))
-  return tf.cond(same, lambda: (image, mask), lambda: _resize_pair(image, mask, crop, crop))
+  short = tf.reduce_min(shape)
+  new = tf.cast(tf.round(tf.cast(shape, tf.float32) * crop / tf.cast(short, tf.float32)),
+                tf.int32)
+  new = tf.maximum(new, crop)
+  image, mask = tf.cond(tf.equal(short, crop), lambda: (image, mask),
+                        lambda: _resize_pair(image, mask, new[0], new[1]))
+  shape = tf.shape(mask)
+  top, left = (shape[0] - crop) // 2, (shape[1] - crop) // 2
+  return image[top:top + crop, left:left + crop], mask[top:top + crop, left:left + crop]
 
 
 def checked_pair(image, mask, num_classes: int, name):

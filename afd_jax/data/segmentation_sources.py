@@ -13,15 +13,16 @@ from typing import Dict, List, Optional, Tuple
 
 import tensorflow_datasets as tfds
 
-from afd_jax.data import joint_augment
+from afd_jax.data import DENSE_NAMES, joint_augment
 from afd_jax.data.sources import IMAGE_EXTENSIONS, _limited, _not_prepared, share_bounds
 from afd_jax.data.tfimport import tf
 from afd_jax.errors import UserError
 from afd_jax.pixels import IGNORE_INDEX
 
-NAMES = ('fashion_mnist_scenes', 'oxford_iiit_pet', 'mask_folder')
-# oxford_iiit_pet's trimaps: 1 pet, 2 background, 3 the border between them (left out).
-PET_LABELS = (IGNORE_INDEX, 1, 0, IGNORE_INDEX)
+NAMES = DENSE_NAMES  # afd_jax/data/__init__.py, which imports no TensorFlow
+# oxford_iiit_pet's trimaps: 1 pet, 2 background, 3 the border between them (left out); the
+# class of each stored value, None where a value is not the dataset's (refused).
+PET_LABELS = (None, 1, 0, IGNORE_INDEX)
 PET_CLASSES = 2
 
 
@@ -47,7 +48,7 @@ def open_source(ds_config):
 
 class TfdsMaskSource:
   """A prepared TFDS dataset with `image` and `segmentation_mask` features; `labels` maps the
-  stored mask values to classes (a value outside it is a bad label)."""
+  stored mask values to classes (a value it maps to None, or beyond it, is refused)."""
 
   def __init__(self, builder, num_classes: int, labels: Optional[Tuple[int, ...]] = None):
     self.name, self._builder = builder.name, builder
@@ -68,9 +69,20 @@ class TfdsMaskSource:
     image = tf.io.decode_image(record['image'], channels=self.channels, expand_animations=False)
     mask = tf.io.decode_png(record['mask'], channels=1)[..., 0]
     if self._labels is not None:
-      table = tf.constant(self._labels + (IGNORE_INDEX,) * (256 - len(self._labels)), tf.uint8)
-      mask = tf.gather(table, tf.cast(mask, tf.int32))
+      mask = self._mapped(mask, record['name'])
     return joint_augment.checked_pair(image, mask, self.num_classes, record['name'])
+
+  def _mapped(self, mask, name):
+    """The stored values as classes; a value the table does not know fails naming `name`."""
+    known = [v is not None for v in self._labels] + [False] * (256 - len(self._labels))
+    values = tf.cast(mask, tf.int32)
+    good = tf.gather(tf.constant(known), values)
+    tf.debugging.Assert(tf.reduce_all(good), [tf.strings.join([name, tf.strings.format(
+        ': mask value {} is not one of ' + self.name + "'s", tf.reduce_max(
+            tf.where(good, -1, values)))])])
+    table = tf.constant([IGNORE_INDEX if v is None else v for v in self._labels]
+                        + [IGNORE_INDEX] * (256 - len(self._labels)), tf.uint8)
+    return tf.gather(table, values)
 
   def _as_dataset(self, split):
     try:

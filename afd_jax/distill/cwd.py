@@ -6,6 +6,10 @@ Each class channel's logit map becomes a distribution over the image's positions
 the batch and the channels (`dense.cwd_loss`, equal to the authors' `CriterionCWD('channel',
 'kl', T)`: tests/test_dense.py). Defaults are the authors' Cityscapes recipe: T = 4, weight 3.
 Segmentation only: a classifier's logits have no positions.
+
+Departure: the authors apply it to their head's logits at 1/8 of the input's resolution, where
+T and the weight were tuned; here it takes the logits the student returns, at the input's
+resolution (for the CIFAR backbones the FPN's finest level is the input's anyway).
 """
 import flax.linen as nn
 

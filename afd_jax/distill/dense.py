@@ -1,13 +1,14 @@
 """Per-pixel losses of dense prediction over `B x H x W x K` logits: cross-entropy with an ignore
 index, Hinton KD at every pixel, and channel-wise distillation (CWD, Shu et al., ICCV 2021).
 
-Written here rather than taken from optax: optax's softmax cross-entropy has no ignore index
-and no per-pixel reduction, and neither optax nor any of our packages has CWD.
+Written here: the per-pixel CE needs the ignored pixels out of both the sum and the count (the
+metrics and the eval loss share `pixel_nll`), KD and CWD reuse `kd.py`'s tempered KL, and none
+of our packages has CWD.
 """
 import jax
 import jax.numpy as jnp
 
-from afd_jax.distill.kd import cross_entropy, kd_loss, kl_to_probabilities
+from afd_jax.distill.kd import kd_loss, kl_to_probabilities
 from afd_jax.layers import at_least_f32
 from afd_jax.pixels import IGNORE_INDEX
 
@@ -19,15 +20,25 @@ def _pixels(logits: jax.Array) -> jax.Array:
   return logits.reshape(-1, logits.shape[-1])
 
 
+def pixel_nll(logits: jax.Array, labels: jax.Array,
+              ignore_index: int = IGNORE_INDEX):
+  """`(nll, counted)`, both `B x H x W`: each pixel's softmax cross-entropy (0 where ignored)
+  and whether its label counts (is not `ignore_index`). `labels`: `B x H x W` integers."""
+  if labels.shape != logits.shape[:-1]:
+    raise ValueError(f'labels {labels.shape} do not match the logits {logits.shape[:-1]}.')
+  counted = labels != ignore_index
+  logp = jax.nn.log_softmax(at_least_f32(logits), axis=-1)
+  safe = jnp.where(counted, labels, 0).astype(jnp.int32)
+  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+  return jnp.where(counted, nll, 0.0), counted
+
+
 def pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
                         ignore_index: int = IGNORE_INDEX) -> jax.Array:
   """Mean softmax cross-entropy over the pixels whose label is not `ignore_index` (0 when every
   pixel is ignored). `labels`: `B x H x W` integers."""
-  if labels.shape != logits.shape[:-1]:
-    raise ValueError(f'labels {labels.shape} do not match the logits {logits.shape[:-1]}.')
-  labels = labels.reshape(-1).astype(jnp.int32)
-  keep = labels != ignore_index
-  return cross_entropy(_pixels(logits), jnp.where(keep, labels, 0), keep)
+  nll, counted = pixel_nll(logits, labels, ignore_index)
+  return jnp.sum(nll) / jnp.maximum(jnp.sum(counted), 1)
 
 
 def pixel_kd_loss(student_logits: jax.Array, teacher_logits: jax.Array,

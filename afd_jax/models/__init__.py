@@ -197,7 +197,8 @@ def from_config(section, num_classes: int, dtype=None, image_shape=None):
   """The model a config section describes (`name`, and for any model `taps`; for a factory
   `kwargs` and `train_arg`; for token taps `prefix_tokens` (-1: from the model) and
   `token_grid` (() = infer); `drop_path_rate` where the section has it). With `head` ('fpn' or
-  'progressive') it is a `Segmenter` over that model (`head_width` channels, default 64).
+  'progressive') it is a `Segmenter` over that model (`head_width` channels, default 64;
+  `head_upsamplings`: progressive upsampling's 2x steps, 0 = from the model's patch size).
 
   `taps` is '' (the zoo's own taps; 'auto' for a factory), 'auto', or comma-separated patterns.
   Works on ConfigDicts and on plain namespaces that have only `name`."""
@@ -224,7 +225,7 @@ def from_config(section, num_classes: int, dtype=None, image_shape=None):
   if not head:
     return model
   return Segmenter(model, num_classes, head, width=int(getattr(section, 'head_width', 0) or 64),
-                   dtype=dtype)
+                   upsamplings=int(getattr(section, 'head_upsamplings', 0) or 0), dtype=dtype)
 
 
 def is_segmenter(model) -> bool:

@@ -63,8 +63,8 @@ class Segmenter(nn.Module):
       return self.upsamplings
     patch = getattr(self.backbone, 'patch', 0)
     if not patch:
-      raise ValueError("head 'progressive' needs `upsamplings` for a backbone without a patch "
-                       'size.')
+      raise ValueError("head 'progressive' needs `upsamplings` (config: head_upsamplings) for a "
+                       'backbone without a patch size.')
     return max(int(patch).bit_length() - 1, 1)
 
   def taps(self) -> Tuple[Tap, ...]:
