@@ -1,15 +1,12 @@
 """Segmentation models (afd_jax/models/segmentation.py): per-pixel logits at the input's size
 for CNN backbones under FPN and a ViT under progressive upsampling, at sizes the backbone's
-strides do not divide; `taps()` names every returned map; the head learns a per-pixel task;
-the refusals."""
+strides do not divide; `taps()` names every returned map; the refusals. (That the head learns:
+the teacher run of tests/test_segmentation_train.py.)"""
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 import pytest
 
 from afd_jax import models
-from afd_jax.distill import dense
 from afd_jax.models.segmentation import Segmenter
 
 
@@ -38,34 +35,6 @@ def test_logits_at_the_input_size_and_taps_for_every_map(backbone, head, size, l
   assert all(n.startswith(prefix) for n in names[len(backbone_taps):])
   stages = [t.stage for t in model.taps()]
   assert stages == sorted(stages)  # the head's levels come after the backbone's stages
-
-
-def test_the_fpn_head_learns_a_per_pixel_task():
-  rng = np.random.default_rng(0)
-  images = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
-  labels = (images[..., 0] > 0).astype(np.int32) + 2 * (images[..., 1] > 0.5)  # 4 classes
-  labels[:, :2] = dense.IGNORE_INDEX
-  model = Segmenter(models.create('resnet8', 1), num_classes=4, width=16)
-  variables = model.init(jax.random.PRNGKey(0), images, train=False)
-  params, stats = variables['params'], variables['batch_stats']
-  opt = optax.adam(1e-2)
-  opt_state = opt.init(params)
-
-  @jax.jit
-  def train_step(params, stats, opt_state):
-    def loss_fn(p):
-      (logits, _), _ = model.apply({'params': p, 'batch_stats': stats}, images, train=True,
-                                   mutable=['batch_stats'])
-      return dense.pixel_cross_entropy(logits, jnp.asarray(labels))
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = opt.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  losses = []
-  for _ in range(30):
-    params, opt_state, loss = train_step(params, stats, opt_state)
-    losses.append(float(loss))
-  assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_refusals():
