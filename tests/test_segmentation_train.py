@@ -96,7 +96,8 @@ def test_teacher_then_distilled_students_report_miou(folder, tmp_path):
   assert set(ev) >= {'miou', 'pixel_accuracy', 'loss', 'class_iou'} and 'top1' not in ev
   assert ev['count'] == EVAL and len(ev['class_iou']) == CLASSES
   np.testing.assert_allclose(ev['miou'], numpy_miou(folder, teacher_dir, config), atol=1e-9)
-  assert ev['pixel_accuracy'] > 60.0  # the colours say the classes: it learns in 12 steps
+  # The colours say the classes: it learns in 12 steps (all background would score about 24).
+  assert ev['miou'] > 40.0
 
   student = config_for(folder, 'cwd', teacher_dir)
   student.num_train_steps = 2
